@@ -1,0 +1,454 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file (a preset shipped in ``xlearner/configs`` or a
+user's file) plus ``key.sub=value`` overrides from the command line. Everything is
+validated into pydantic models with ``extra="forbid"``, so a typo is an error that
+names the key, the file and the closest valid key instead of a silently ignored
+setting.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Task = Literal["cls", "det", "seg"]
+TASKS: tuple[str, ...] = ("cls", "det", "seg")
+SourceFormat = Literal["embedded", "imagefolder", "csv", "coco", "voc", "maskfolder"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    name: str = "resnet18"
+    """A timm model name, or ``tv:<name>`` for a torchvision ResNet."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra constructor arguments (e.g. ``channels`` and ``stem_width`` for a narrow timm ResNet)."""
+    out_indices: tuple[int, ...] = (1, 2, 3, 4)
+    """Feature stages returned (C2..C5 for a ResNet)."""
+    weights: Path | None = None
+    """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True."""
+
+
+class ComposerConfig(_Strict):
+    """Scene composer settings for the composed (glyphs-on-texture) det/seg sources."""
+
+    canvas_size: int = 64
+    objects: tuple[int, int] = (1, 4)
+    scale: tuple[float, float] = (0.5, 1.2)
+    """Glyph side relative to its native 28 px."""
+    max_overlap: float = 0.3
+    """Largest IoU allowed between a new glyph's box and any earlier one."""
+    num_train: int = 2000
+    num_val: int = 200
+    num_test: int = 200
+    seed: int = 0
+
+
+class AugmentConfig(_Strict):
+    """Training augmentation of one task; evaluation only resizes and normalises."""
+
+    random_resized_crop: tuple[float, float] | None = None
+    """Scale range of torchvision's RandomResizedCrop (None: plain resize)."""
+    hflip: bool = False
+
+
+def _default_augment() -> dict[str, AugmentConfig]:
+    return {
+        "cls": AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=False),
+        "det": AugmentConfig(random_resized_crop=None, hflip=True),
+        "seg": AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True),
+    }
+
+
+class SourceConfig(_Strict):
+    """One labelled dataset of one task, with its own label space and head."""
+
+    name: str
+    task: Task
+    format: SourceFormat = "embedded"
+    dataset: str | None = None
+    """For format=embedded: the embedded dataset's name (see `xlearner data list`)."""
+    root: Path | None = None
+    """Images: ImageFolder root, CSV/COCO/VOC image folder, or mask-folder images."""
+    annotations: Path | None = None
+    """CSV file (cls), COCO JSON file (det), or folder of VOC XML files (det)."""
+    masks: Path | None = None
+    """Folder of PNG masks holding class indices, 255 = ignore (seg)."""
+    val_root: Path | None = None
+    val_annotations: Path | None = None
+    val_masks: Path | None = None
+    test_root: Path | None = None
+    test_annotations: Path | None = None
+    test_masks: Path | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Used when no explicit val split is given: a deterministic split by ``split_seed``."""
+    split_seed: int = 0
+    class_names: list[str] | None = None
+    """Seg: names of the mask values 0..K-1 (required for maskfolder); cls/det: optional override."""
+    batch_size: int = Field(16, ge=1)
+    loss_weight: float = Field(1.0, ge=0.0)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    image_size: int | None = Field(None, ge=8)
+    """Training/eval image side; None takes the run's ``image_size``."""
+    composer: ComposerConfig | None = None
+    """Overrides for composed embedded sources."""
+    max_samples: int | None = Field(None, ge=1)
+    """Use at most this many training records (deterministic subset) - for quick presets."""
+
+    @model_validator(mode="after")
+    def _check_format_fields(self) -> "SourceConfig":
+        needed = {
+            "embedded": ["dataset"],
+            "imagefolder": ["root"],
+            "csv": ["annotations"],
+            "coco": ["root", "annotations"],
+            "voc": ["root", "annotations"],
+            "maskfolder": ["root", "masks", "class_names"],
+        }[self.format]
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(
+                f"source '{self.name}' (format {self.format}) needs {', '.join(missing)}"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = 0.9
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    clip_grad: float | None = 5.0
+    amp: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    channels_last: bool = False
+    compile: bool = False
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(0, ge=0)
+    """Validate every N steps (0: only at the end)."""
+    val_batches: int = Field(8, ge=1)
+    ckpt_every: int = Field(100, ge=1)
+    progress: bool = True
+
+
+class ExpansionConfig(_Strict):
+    reconciliation: bool = True
+    reconcile_after: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    """Stage boundaries (1-based index into backbone stages) after which branches exchange features."""
+    detach_others: bool = True
+
+
+class SqueezeConfig(_Strict):
+    init: str = "copy:cls"
+    """``scratch`` or ``copy:<task>``: the student's initial weights."""
+    distill_weight: float = Field(1.0, ge=0)
+    distill_stages: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    """Which stage features (1-based, of out_indices) are distilled."""
+    kd_weight: float = Field(0.0, ge=0)
+    kd_temperature: float = Field(4.0, gt=0)
+    teacher: Path | None = None
+    """Expansion run folder (or its checkpoint); `xlearner run` fills it in."""
+
+    @model_validator(mode="after")
+    def _check_init(self) -> "SqueezeConfig":
+        if self.init != "scratch" and not (self.init.startswith("copy:") and self.init[5:] in TASKS):
+            raise ValueError(f"squeeze.init must be 'scratch' or copy:cls|det|seg, got {self.init!r}")
+        return self
+
+
+class BaselineConfig(_Strict):
+    ssst_source: str | None = None
+    """Source for SSST; None picks the cls source with the most training images."""
+    msst_task: Task = "cls"
+    """Task whose sources MSST trains on (`xlearner run` trains MSST for every task)."""
+
+
+class TransferConfig(_Strict):
+    datasets: list[str] = Field(
+        default_factory=lambda: [
+            "animal_mnist", "sklearn_digits", "textures",
+            "tree_crowns", "composed_det_animals",
+            "nuclei", "composed_seg_animals",
+        ]
+    )
+    seeds: int = Field(2, ge=1)
+    cls_mode: Literal["linear", "finetune"] = "linear"
+    det_mode: Literal["frozen", "finetune"] = "frozen"
+    seg_mode: Literal["frozen", "finetune"] = "frozen"
+    steps: int = Field(150, ge=1)
+    """Optimizer steps for det/seg heads and cls fine-tune."""
+    lr: float = 2e-3
+    batch_size: int = 16
+    image_size: int = 64
+    max_train_samples: int | None = 2000
+    probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    """Inverse L2 strengths tried for the linear probe, picked on the val split."""
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    image_size: int = Field(64, ge=8)
+    fpn_channels: int = Field(64, ge=8)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    augment: dict[Task, AugmentConfig] = Field(default_factory=_default_augment)
+    """Per-task training augmentation (keys cls, det, seg)."""
+    sources: list[SourceConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    expansion: ExpansionConfig = Field(default_factory=ExpansionConfig)
+    squeeze: SqueezeConfig = Field(default_factory=SqueezeConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "RunConfig":
+        if not self.sources:
+            raise ValueError("sources is empty: give at least one source")
+        names = [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        """Tasks present among the sources, in the canonical cls, det, seg order."""
+        present = {s.task for s in self.sources}
+        return [t for t in TASKS if t in present]
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"no source named {name!r}; sources are {[s.name for s in self.sources]}")
+
+    def size_of(self, source: SourceConfig) -> int:
+        return source.image_size or self.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config: the key under which finished work is reused."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+PRESETS_PACKAGE = "xlearner.configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def preset_path(name: str) -> Path:
+    path = Path(str(resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml")))
+    if not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"no preset named '{name}'{hint}; presets: {', '.join(preset_names())}")
+    return path
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], origin: str = "command line") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; list items are addressed by index or by ``name``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' on the {origin} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                node_idx = _list_index(node, part, key)
+                if last:
+                    node[node_idx] = _parse_value(value)
+                else:
+                    node = node[node_idx]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[:i])}' is not a section")
+            if last:
+                node[part] = _parse_value(value)
+            else:
+                node = node.setdefault(part, {})
+    return data
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise ConfigError(f"override '{key}': index {part} out of range (list has {len(items)} items)")
+        return int(part)
+    for idx, entry in enumerate(items):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return idx
+    names = [e.get("name") for e in items if isinstance(e, dict)]
+    close = difflib.get_close_matches(part, [n for n in names if n], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"override '{key}': no list item named '{part}'{hint}; items: {names}")
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to that file."""
+    path_fields = ("root", "annotations", "masks", "val_root", "val_annotations", "val_masks",
+                   "test_root", "test_annotations", "test_masks")
+    for src in data.get("sources", []) or []:
+        if isinstance(src, dict):
+            for f in path_fields:
+                if isinstance(src.get(f), str):
+                    p = Path(src[f]).expanduser()
+                    src[f] = str(p if p.is_absolute() else base / p)
+    bb = data.get("backbone")
+    if isinstance(bb, dict) and isinstance(bb.get("weights"), str):
+        p = Path(bb["weights"]).expanduser()
+        bb["weights"] = str(p if p.is_absolute() else base / p)
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at a location of the config tree, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = _model_in(ann)
+    return list(getattr(current, "model_fields", {}).keys()) if current is not None else []
+
+
+def _model_in(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_loc(loc: tuple, data: dict[str, Any]) -> str:
+    out, node = [], data
+    for part in loc:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and isinstance(node[part], dict) else None
+            out.append(f"[{part}]" + (f"({name})" if name else ""))
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out.append(("." if out else "") + str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+    return "".join(out)
+
+
+def validate(data: dict[str, Any], origin: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            where = _format_loc(loc, data) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                valid = _field_names(RunConfig, loc[:-1])
+                close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                lines.append(f"unknown key '{where}'{hint} (valid keys here: {', '.join(valid)})")
+            elif err["type"] == "missing":
+                lines.append(f"missing required key '{where}'")
+            else:
+                got = err.get("input")
+                got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+                lines.append(f"'{where}': {err['msg']}{got_s}")
+        raise ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def check_paths(cfg: RunConfig, origin: str) -> None:
+    """A missing path names the field and what was expected there."""
+    expect = {
+        "root": "a folder of images",
+        "annotations": "the annotation file or folder",
+        "masks": "a folder of PNG masks",
+    }
+    problems = []
+    for i, src in enumerate(cfg.sources):
+        for field in ("root", "annotations", "masks", "val_root", "val_annotations", "val_masks",
+                      "test_root", "test_annotations", "test_masks"):
+            p = getattr(src, field)
+            if p is not None and not Path(p).exists():
+                what = expect[field.split("_")[-1]]
+                problems.append(f"sources[{i}]({src.name}).{field}: {p} does not exist (expected {what})")
+    if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
+        problems.append(f"backbone.weights: {cfg.backbone.weights} does not exist (expected a .safetensors or .pth file)")
+    if problems:
+        raise ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(problems))
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None,
+                check_files: bool = True) -> RunConfig:
+    """Load a preset name or YAML path, apply overrides, validate."""
+    text_path = Path(name_or_path)
+    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
+        if not text_path.is_file():
+            raise ConfigError(f"config file {text_path} does not exist; give a YAML path or a preset ({', '.join(preset_names())})")
+        path = text_path
+    else:
+        path = preset_path(str(name_or_path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    _resolve_paths(data, path.parent)
+    data = apply_overrides(data, list(overrides or []))
+    cfg = validate(data, origin=f"in {path}" + (f" with overrides {overrides}" if overrides else ""))
+    if check_files:
+        check_paths(cfg, origin=f"in {path}")
+    return cfg
+
+
+def load_source_config(path: str | Path, overrides: list[str] | None = None) -> SourceConfig:
+    """A YAML holding one source (the same schema as an item of ``sources``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"source file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and "sources" in data:
+        srcs = data["sources"]
+        if len(srcs) != 1:
+            raise ConfigError(f"{path} holds {len(srcs)} sources; give a file with exactly one")
+        data = srcs[0]
+    wrapper = {"sources": [data]}
+    _resolve_paths(wrapper, path.parent)
+    wrapper = apply_overrides(wrapper, [f"sources.0.{o}" for o in (overrides or [])])
+    cfg = validate(wrapper, origin=f"in {path}")
+    check_paths(cfg, origin=f"in {path}")
+    return cfg.sources[0]
