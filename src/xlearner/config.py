@@ -65,12 +65,13 @@ class AugmentConfig(_Strict):
     hflip: bool = False
 
 
-def _default_augment() -> dict[str, AugmentConfig]:
-    return {
-        "cls": AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=False),
-        "det": AugmentConfig(random_resized_crop=None, hflip=True),
-        "seg": AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True),
-    }
+class AugmentSet(_Strict):
+    cls: AugmentConfig = Field(default_factory=lambda: AugmentConfig(random_resized_crop=(0.6, 1.0)))
+    det: AugmentConfig = Field(default_factory=lambda: AugmentConfig(hflip=True))
+    seg: AugmentConfig = Field(default_factory=lambda: AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True))
+
+    def of(self, task: str) -> AugmentConfig:
+        return getattr(self, task)
 
 
 class SourceConfig(_Strict):
@@ -208,8 +209,8 @@ class RunConfig(_Strict):
     image_size: int = Field(64, ge=8)
     fpn_channels: int = Field(64, ge=8)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    augment: dict[Task, AugmentConfig] = Field(default_factory=_default_augment)
-    """Per-task training augmentation (keys cls, det, seg)."""
+    augment: AugmentSet = Field(default_factory=AugmentSet)
+    """Per-task training augmentation; ``augment.of(task)``."""
     sources: list[SourceConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
     expansion: ExpansionConfig = Field(default_factory=ExpansionConfig)
