@@ -429,6 +429,11 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None,
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     _resolve_paths(data, path.parent)
+    # per-task augmentation defaults differ by task: start overrides from the full defaults
+    aug = AugmentSet().model_dump(mode="json")
+    for task, given in (data.get("augment") or {}).items():
+        aug.setdefault(task, {}).update(given or {})
+    data["augment"] = aug
     data = apply_overrides(data, list(overrides or []))
     cfg = validate(data, origin=f"in {path}" + (f" with overrides {overrides}" if overrides else ""))
     if check_files:
