@@ -1,0 +1,220 @@
+"""`xlearner run`: the main job on the embedded benchmark, end to end.
+
+fetch -> expansion -> squeeze -> baselines (ssst, msst per task, msmt, scratch) -> export every
+method's backbone -> transfer of every backbone to every downstream dataset -> report.
+
+Each part is keyed by the hash of the configuration sections it depends on, stored
+in its output; a rerun skips parts whose key matches and resumes an interrupted
+training part from its last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from xlearner.config import RunConfig, load_config
+
+ABLATIONS: dict[str, list[str]] = {
+    "no_reconciliation": ["expansion.reconciliation=false"],
+    "no_detach": ["expansion.detach_others=false"],
+    "squeeze_scratch": ["squeeze.init=scratch"],
+    "no_distill": ["squeeze.distill_weight=0", "squeeze.kd_weight=0"],
+    "expansion_direct": [],  # the expansion cls branch is transferred instead of the squeezed student
+}
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sections(cfg: RunConfig, *names: str) -> dict:
+    d = cfg.to_dict()
+    return {n: d[n] for n in names}
+
+
+UPSTREAM = ("seed", "image_size", "fpn_channels", "backbone", "augment", "sources", "train")
+
+
+@dataclass
+class Part:
+    """One resumable unit of the main job."""
+
+    name: str
+    key: str
+    weight: float  # rough relative duration, for the time-left estimate
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    deps: list[str] = field(default_factory=list)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _stage_done(run_dir: Path, key: str) -> bool:
+    info = _read_json(run_dir / "part.json")
+    return bool(info and info.get("key") == key and (run_dir / "model.safetensors").is_file()
+                and (_read_json(run_dir / "run.json") or {}).get("status") == "done")
+
+
+def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple[list[Part], dict[str, list[str]]]:
+    """The list of parts of the main job and, per method, the stage folders whose cost it carries."""
+    from xlearner.stages import train_stage
+
+    parts: list[Part] = []
+    methods: dict[str, list[str]] = {}
+    backbone_of: dict[str, tuple[str, str, str | None]] = {}  # method -> (stage dir, part key, branch)
+    steps = cfg.train.steps
+    n_tasks = len(cfg.tasks)
+
+    def stage_part(dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
+                   deps: list[str] | None = None) -> None:
+        run_dir = out / dirname
+
+        def run() -> None:
+            resume = (run_dir / "checkpoints" / "last.pt").is_file()
+            info = _read_json(run_dir / "part.json")
+            if info and info.get("key") != key:
+                resume = False  # the config changed: the old checkpoint belongs to other settings
+            _write_json(run_dir / "part.json", {"key": key, "status": "running"})
+            train_stage(stage_cfg, stage, run_dir, resume=resume)
+            _write_json(run_dir / "part.json", {"key": key, "status": "done"})
+
+        parts.append(Part(dirname, key, weight, lambda: _stage_done(run_dir, key), run, deps or []))
+
+    # --- X-Learner: expansion then squeeze --------------------------------------------------
+    def xlearner_parts(prefix: str, xcfg: RunConfig, method: str, direct: bool) -> None:
+        exp_key = _key("expansion", _sections(xcfg, *UPSTREAM, "expansion"))
+        stage_part(f"{prefix}expansion", "expansion", xcfg, exp_key, steps * n_tasks)
+        if direct:
+            methods[method] = [f"{prefix}expansion"]
+            backbone_of[method] = (f"{prefix}expansion", exp_key, "cls" if "cls" in xcfg.tasks else xcfg.tasks[0])
+            return
+        sq_cfg = xcfg.model_copy(deep=True)
+        sq_cfg.squeeze.teacher = out / f"{prefix}expansion"
+        sq_key = _key("squeeze", exp_key, _sections(xcfg, *UPSTREAM, "squeeze"))
+        stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), [f"{prefix}expansion"])
+        methods[method] = [f"{prefix}expansion", f"{prefix}squeeze"]
+        backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
+
+    xlearner_parts("", cfg, "xlearner", direct=False)
+    if ablation:
+        acfg = load_config_like(cfg, ABLATIONS[ablation])
+        xlearner_parts(f"ablations/{ablation}/", acfg, f"xlearner[{ablation}]",
+                       direct=ablation == "expansion_direct")
+
+    # --- baselines on the same engine and step budget --------------------------------------
+    base_sections = _sections(cfg, *UPSTREAM, "baselines")
+    baselines: list[tuple[str, str, RunConfig]] = [("ssst", "ssst", cfg)] if "cls" in cfg.tasks else []
+    for task in cfg.tasks:
+        bcfg = cfg.model_copy(deep=True)
+        bcfg.baselines.msst_task = task
+        baselines.append((f"msst_{task}", "msst", bcfg))
+    baselines += [("msmt", "msmt", cfg), ("scratch", "scratch", cfg)]
+    for dirname, stage, bcfg in baselines:
+        key = _key(dirname, base_sections)
+        stage_part(dirname, stage, bcfg, key, 0.5 if stage == "scratch" else steps * 1.0)
+        methods[dirname] = [dirname]
+        backbone_of[dirname] = (dirname, key, None)
+
+    # --- export + transfer -------------------------------------------------------------------
+    transfer_sections = _sections(cfg, "transfer", "seed")
+    for method, (dirname, stage_key, branch) in backbone_of.items():
+        bb_path = out / "backbones" / f"{method}.safetensors"
+        bb_key = _key("export", stage_key, branch)
+
+        def export(dirname=dirname, bb_path=bb_path, bb_key=bb_key, branch=branch) -> None:
+            from xlearner.models.export import export_run
+
+            export_run(out / dirname, bb_path, format="timm", branch=branch)
+            _write_json(bb_path.with_suffix(".json"), {"key": bb_key})
+
+        parts.append(Part(f"export {method}", bb_key, 0.1,
+                          lambda p=bb_path, k=bb_key: (_read_json(p.with_suffix(".json")) or {}).get("key") == k and p.is_file(),
+                          export, [dirname]))
+        for dataset in cfg.transfer.datasets:
+            result = out / "transfer" / method / f"{dataset}.json"
+            t_key = _key("transfer", bb_key, dataset, transfer_sections)
+
+            def transfer(result=result, dataset=dataset, bb_path=bb_path, t_key=t_key) -> None:
+                from xlearner.transfer.suite import transfer_one
+
+                res = transfer_one(bb_path, dataset, cfg)
+                res["key"] = t_key
+                _write_json(result, res)
+
+            parts.append(Part(f"transfer {method} -> {dataset}", t_key, 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10),
+                              lambda r=result, k=t_key: (_read_json(r) or {}).get("key") == k,
+                              transfer, [f"export {method}"]))
+    return parts, methods
+
+
+def load_config_like(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of ``cfg`` with dotted overrides applied and validated again."""
+    from xlearner.config import apply_overrides, validate
+
+    data = apply_overrides(cfg.to_dict(), overrides)
+    return validate(data, origin="(ablation)")
+
+
+def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
+    from xlearner.data.embedded import fetch
+    from xlearner.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    needed = sorted({s.dataset for s in cfg.sources if s.format == "embedded" and s.dataset}
+                    | set(cfg.transfer.datasets))
+    print(f"[xlearner run] preset '{cfg.name}' -> {out}  (config {cfg.digest()})")
+    print(f"[xlearner run] fetching data: {', '.join(needed)}")
+    fetch(needed)
+
+    parts, methods = build_parts(cfg, out, ablation)
+    _write_json(out / "methods.json", methods)
+    (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+    total = sum(p.weight for p in parts)
+    todo = [p for p in parts if not p.done()]
+    skipped = len(parts) - len(todo)
+    print(f"[xlearner run] {len(parts)} parts, {skipped} already finished and skipped, {len(todo)} to run")
+    timings: dict[str, float] = {}
+    with tqdm(total=round(total, 2), desc="main job", unit="w", position=0,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}") as bar:
+        bar.update(round(sum(p.weight for p in parts if p not in todo), 2))
+        for part in todo:
+            bar.set_description(f"main job [{part.name}]")
+            tqdm.write(f"[xlearner run] -> {part.name}")
+            t = time.time()
+            part.run()
+            timings[part.name] = round(time.time() - t, 1)
+            bar.update(round(part.weight, 2))
+    prior = _read_json(out / "timings.json") or {}
+    prior.update(timings)
+    _write_json(out / "timings.json", prior)
+    report = write_report(out)
+    print(f"[xlearner run] done in {time.time() - t0:.0f} s; report: {report}")
+    return report
+
+
+def run_command(args) -> int:
+    overrides = list(args.overrides or [])
+    cfg = load_config(args.preset, overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    main_job(cfg, out, ablation=args.ablation)
+    return 0
