@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`train quick --stage msmt train.steps=5`), which argparse
+    # does not hand to a nargs="*" positional: collect the leftover key=value words ourselves
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(_dispatch(args) or 0)
     except ConfigError as exc:
