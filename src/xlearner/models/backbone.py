@@ -1,0 +1,177 @@
+"""The backbone: a timm or torchvision CNN run stage by stage.
+
+Reconciliation acts *between* stages, so the backbone must be callable one stage at a
+time (`run_stages`). We build the FULL model (not timm's ``features_only`` wrapper) and
+split its top-level children at the ``feature_info`` module names. The modules stay
+registered on this object under their original names, so ``state_dict()`` keys are exactly
+those of ``timm.create_model(name, num_classes=0, **kwargs)`` (or
+``torchvision.models.<name>()`` minus ``fc``): a trained backbone exports without renaming.
+
+Supported: CNNs whose feature stages are a sequential chain of top-level children (or of
+the items of one top-level ``nn.Sequential``): timm ResNet/ResNeXt/ResNet-D family,
+RegNet, EfficientNet, MobileNetV3, ConvNeXt; torchvision ResNets via ``tv:<name>``.
+Parts after the last returned feature stage (e.g. ``conv_head``, ``global_pool``, ``fc``)
+are dropped: they would never receive a gradient.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from xlearner.config import BackboneConfig
+
+TV_RESNETS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+)
+# torchvision ResNets have no feature_info: the same layout as timm's ResNet.
+_TV_FEATURE_INFO = [("relu", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
+
+
+def create_full_model(name: str, kwargs: dict | None = None) -> nn.Module:
+    """The un-split model whose key names the backbone keeps (timm or ``tv:<resnet>``)."""
+    kwargs = dict(kwargs or {})
+    if name.startswith("tv:"):
+        import torchvision
+
+        arch = name[3:]
+        if arch not in TV_RESNETS:
+            raise ValueError(f"tv:{arch} is not a torchvision ResNet; supported: {', '.join(TV_RESNETS)}")
+        model = getattr(torchvision.models, arch)(weights=None, **kwargs)
+        model.fc = nn.Identity()
+        return model
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _feature_info(model: nn.Module, name: str) -> list[dict]:
+    if name.startswith("tv:"):
+        chs = [model.conv1.out_channels] + [_last_channels(getattr(model, f"layer{i}")[-1]) for i in range(1, 5)]
+        return [{"module": m, "reduction": r, "num_chs": c} for (m, r), c in zip(_TV_FEATURE_INFO, chs)]
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        raise ValueError(f"timm model {name!r} has no feature_info: it cannot be split into stages")
+    info = getattr(info, "info", info)
+    return [dict(i) for i in info]
+
+
+def _last_channels(block: nn.Module) -> int:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    return bns[-1].num_features if bns else convs[-1].out_channels
+
+
+def _chain(model: nn.Module, feature_modules: list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules in execution order, opening a top-level container where a feature point lies inside it."""
+    out = []
+    for name, child in model.named_children():
+        inner = [f for f in feature_modules if f.startswith(name + ".")]
+        if inner:
+            if any(f.count(".") > 1 for f in inner) or not isinstance(child, nn.Sequential):
+                raise ValueError(f"cannot split at {inner}: only one level of nn.Sequential can be opened")
+            out.extend((f"{name}.{n}", m) for n, m in child.named_children())
+        else:
+            out.append((name, child))
+    return out
+
+
+class Backbone(nn.Module):
+    """A CNN split into ``stages`` (stage 0 = stem + everything up to the first returned feature)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        model = create_full_model(cfg.name, cfg.kwargs)
+        info = _feature_info(model, cfg.name)
+        if not cfg.out_indices or max(cfg.out_indices) >= len(info) or list(cfg.out_indices) != sorted(set(cfg.out_indices)):
+            raise ValueError(f"out_indices {cfg.out_indices} must be increasing indices into the {len(info)} "
+                             f"feature points of {cfg.name}: {[i['module'] for i in info]}")
+        wanted = [info[i]["module"] for i in cfg.out_indices]
+        chain = _chain(model, wanted)
+        names = [n for n, _ in chain]
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise ValueError(f"{cfg.name}: feature modules {missing} are not in the top-level chain {names}")
+        cut = [names.index(w) + 1 for w in wanted]
+        starts = [0] + cut[:-1]
+        stages = nn.ModuleList(nn.Sequential(*[m for _, m in chain[a:b]]) for a, b in zip(starts, cut))
+        used = set(names[: cut[-1]])
+        # register the used modules under their original names; drop the unused tail
+        for top, child in list(model.named_children()):
+            if top in used:
+                self.add_module(top, child)
+            elif any(u.startswith(top + ".") for u in used):
+                for sub in [n for n, _ in child.named_children() if f"{top}.{n}" not in used]:
+                    del child._modules[sub]  # only trailing items: numbering is kept
+                self.add_module(top, child)
+        # `stages` views the same modules but is not registered: state_dict keys stay the model's
+        object.__setattr__(self, "stages", stages)
+        self.channels: list[int] = [int(info[i]["num_chs"]) for i in cfg.out_indices]
+        self.strides: list[int] = [int(info[i]["reduction"]) for i in cfg.out_indices]
+        if cfg.weights is not None:
+            load_initial_weights(self, cfg.weights)
+
+    def run_stages(self, x: Tensor, start: int, stop: int) -> list[Tensor]:
+        """Outputs of stages ``start..stop-1`` (0-based) applied in turn to ``x``."""
+        outs = []
+        for stage in self.stages[start:stop]:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.run_stages(x, 0, len(self.stages))
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    return Backbone(cfg)
+
+
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """A .safetensors or a .pth/.pt (loaded with weights_only=True, never unpickling code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "model_state"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} does not hold a state dict")
+        return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    raise ValueError(f"weights file {path}: expected .safetensors, .pth or .pt")
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in ("module.", "backbone."):
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def load_initial_weights(backbone: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Non-strict load with a printed key report; a shape mismatch is an error naming the key."""
+    state = {_strip(k): v for k, v in read_weights_file(path).items()}
+    own = backbone.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"weights {path}: shape mismatch for {len(mismatched)} keys, first: " + "; ".join(mismatched[:3]))
+    matched = [k for k in state if k in own]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
+    report = {"matched": matched, "missing": missing, "unexpected": unexpected}
+    print(f"backbone weights {path}: " + ", ".join(
+        f"{len(v)} {k}" + (f" (e.g. {', '.join(v[:3])})" if v and k != "matched" else "") for k, v in report.items()))
+    return report

@@ -1,0 +1,173 @@
+"""Whole networks: heads per source, one shared backbone, or one backbone per task.
+
+``SharedNet`` = one backbone + ``TaskHeads`` (MSMT/SSST/MSST baselines, the squeeze
+student, transfer). ``ExpandedNet`` = one backbone per task joined by reconciliation
+layers + ``TaskHeads`` (the expansion stage). Neither knows about losses or optimizers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from xlearner.config import BackboneConfig
+from xlearner.models.backbone import Backbone
+from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead
+from xlearner.models.reconciliation import Reconciliation
+
+
+@dataclass
+class SourceSpec:
+    """One labelled source as the model sees it: its task and label-space size."""
+
+    name: str
+    task: str
+    num_classes: int
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class TaskHeads(nn.Module):
+    """A neck per task present (shared by that task's sources) and a head per source."""
+
+    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64):
+        super().__init__()
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique: {names}")
+        self.sources = {s.name: s for s in sources}
+        self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in sources)]
+        self.necks = nn.ModuleDict()
+        for t in self.tasks:
+            self.necks[t] = ClsNeck() if t == "cls" else FPNNeck(channels, fpn_channels)
+        self.heads = nn.ModuleDict()
+        for s in sources:
+            if s.task == "cls":
+                self.heads[s.name] = ClsHead(channels[-1], s.num_classes)
+            elif s.task == "det":
+                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, strides)
+            elif s.task == "seg":
+                self.heads[s.name] = SegHead(fpn_channels, s.num_classes, strides)
+            else:
+                raise ValueError(f"source {s.name}: unknown task {s.task!r}")
+        self.strides = list(strides)
+
+    def neck_features(self, task: str, features: list[Tensor]):
+        """cls: pooled (B, C); det/seg: FPN feature list."""
+        return self.necks[task](features)
+
+    def head_forward(self, source_name: str, features: list[Tensor], image_size: tuple[int, int] | None = None):
+        """cls: logits (B, K); seg: logits (B, K, H, W); det: the FPN features (call
+        ``heads[name].losses`` / ``.detect`` on them)."""
+        spec = self.sources[source_name]
+        neck = self.neck_features(spec.task, features)
+        if spec.task == "cls":
+            return self.heads[source_name](neck)
+        if spec.task == "seg":
+            if image_size is None:
+                image_size = (features[0].shape[-2] * self.strides[0], features[0].shape[-1] * self.strides[0])
+            return self.heads[source_name](neck, image_size)
+        return neck
+
+
+class SharedNet(nn.Module):
+    """One backbone shared by every source (MSMT/SSST/MSST, the squeeze student, transfer)."""
+
+    def __init__(self, backbone: Backbone, task_heads: TaskHeads):
+        super().__init__()
+        self.backbone = backbone
+        self.task_heads = task_heads
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        return self.backbone(images)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.backbone(images)
+
+    def param_counts(self) -> dict[str, int]:
+        return {"backbone": count_parameters(self.backbone), "task_heads": count_parameters(self.task_heads),
+                "total": count_parameters(self)}
+
+
+class ExpandedNet(nn.Module):
+    """One backbone per task, joined after stages ``reconcile_after`` (1-based) by
+    f_t <- f_t + sum_{u != t} R_{t<-u}(f_u), using the pre-update f_u of every branch."""
+
+    def __init__(self, backbone_cfg: BackboneConfig, tasks: list[str], task_heads: TaskHeads,
+                 reconcile_after: list[int] = (1, 2, 3), detach_others: bool = True, reconciliation: bool = True):
+        super().__init__()
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be non-empty and unique, got {tasks}")
+        self.tasks = list(tasks)
+        self.backbones = nn.ModuleDict({t: Backbone(backbone_cfg) for t in self.tasks})
+        first = self.backbones[self.tasks[0]]
+        self.channels, self.strides = first.channels, first.strides
+        self.num_stages = len(first.stages)
+        bad = [s for s in reconcile_after if not 1 <= s <= self.num_stages]
+        if bad:
+            raise ValueError(f"reconcile_after {list(reconcile_after)}: stages are 1..{self.num_stages}")
+        self.detach_others = detach_others
+        active = reconciliation and len(self.tasks) > 1
+        self.reconcile_after = sorted(set(reconcile_after)) if active else []
+        # reconcilers["s<stage>"]["<t>_from_<u>"] = R_{t<-u}
+        self.reconcilers = nn.ModuleDict()
+        for s in self.reconcile_after:
+            c = self.channels[s - 1]
+            self.reconcilers[f"s{s}"] = nn.ModuleDict(
+                {f"{t}_from_{u}": Reconciliation(c) for t in self.tasks for u in self.tasks if u != t})
+        self.task_heads = task_heads
+
+    @property
+    def last_shared_stage(self) -> int:
+        """Stages 1..this run in every branch; after it only the batch's own branch continues."""
+        return max(self.reconcile_after) if self.reconcile_after else 0
+
+    def _reconcile(self, stage: int, feats: dict[str, Tensor], targets: list[str]) -> dict[str, Tensor]:
+        rs = self.reconcilers[f"s{stage}"]
+        out = dict(feats)
+        for t in targets:
+            update = 0
+            for u in self.tasks:
+                if u != t:
+                    fu = feats[u].detach() if self.detach_others else feats[u]
+                    update = update + rs[f"{t}_from_{u}"](fu)
+            out[t] = feats[t] + update
+        return out
+
+    def _run(self, images: Tensor, keep: list[str]) -> dict[str, list[Tensor]]:
+        """Stage by stage; all branches up to the last reconciliation, then only ``keep``."""
+        last = self.last_shared_stage
+        x = {t: images for t in (self.tasks if last else keep)}
+        outs: dict[str, list[Tensor]] = {t: [] for t in keep}
+        for i in range(self.num_stages):
+            stage = i + 1
+            running = list(x) if stage <= last else keep
+            x = {t: self.backbones[t].stages[i](x[t]) for t in running}
+            if stage in self.reconcile_after:
+                # at the last exchange only the kept branches need the update
+                x = self._reconcile(stage, x, keep if stage == last else self.tasks)
+            for t in keep:
+                outs[t].append(x[t])
+        return outs
+
+    def branch_features(self, images: Tensor, task: str) -> list[Tensor]:
+        """Features C2..C5 of branch ``task`` for a batch of one of its sources."""
+        if task not in self.backbones:
+            raise KeyError(f"no branch for task {task!r}; branches: {self.tasks}")
+        return self._run(images, [task])[task]
+
+    def all_branch_features(self, images: Tensor) -> dict[str, list[Tensor]]:
+        """Every branch's features (the squeeze teacher)."""
+        return self._run(images, list(self.tasks))
+
+    def forward(self, images: Tensor, task: str) -> list[Tensor]:
+        return self.branch_features(images, task)
+
+    def param_counts(self) -> dict[str, int]:
+        counts = {f"backbone/{t}": count_parameters(b) for t, b in self.backbones.items()}
+        counts["reconciliation"] = count_parameters(self.reconcilers)
+        counts["task_heads"] = count_parameters(self.task_heads)
+        counts["total"] = count_parameters(self)
+        return counts
