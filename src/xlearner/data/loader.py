@@ -1,0 +1,203 @@
+"""The multi-source loader: every ``next()`` gives one batch of EVERY source.
+
+Why it is built this way:
+- every step touches every source, so every head gets a gradient and DDP needs no
+  ``find_unused_parameters``;
+- each source has an infinite sampler over a fresh permutation per pass, a function of
+  (seed, source name, pass), cut into disjoint per-rank shards (``rank::world_size`` after
+  padding the permutation by wrap-around to a multiple of ``world_size``);
+- the sampler yields ``(index, sample_seed)`` pairs and the transform runs under
+  ``torch.manual_seed(sample_seed)`` in a forked RNG, so augmentation depends on (seed,
+  position in the stream) only, never on which worker ran it or when;
+- positions are counted in batches consumed by the caller (main process), so
+  ``state_dict()`` is exact whatever the workers prefetched, and ``load_state_dict()``
+  restarts each sampler at that position: the resumed run sees the same samples with the
+  same augmentation.
+``batch_sizes`` are per process (per rank).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _mix(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence: stable across versions)."""
+    state = np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFFFFFF for v in values]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
+
+
+def source_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+class ShardedInfiniteSampler(Sampler):
+    """Infinite stream of ``(index, sample_seed)`` for one rank, starting at ``start`` samples in.
+
+    Pass e of the data is ``randperm(n)`` seeded by (seed, source, e), padded by wrap-around to
+    ``world_size * ceil(n / world_size)`` and sharded ``[rank::world_size]``: ranks see disjoint
+    indices (up to the padding) and the same number per pass.
+    """
+
+    def __init__(self, n: int, *, seed: int, source: str, rank: int = 0, world_size: int = 1, start: int = 0):
+        if n <= 0:
+            raise ValueError(f"source '{source}' has no samples")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.n, self.seed, self.source = n, seed, source
+        self.key = source_key(source)
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.per_rank = -(-n // world_size)
+
+    def shard(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(_mix(self.seed, self.key, epoch))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        total = self.per_rank * self.world_size
+        perm = (perm * (-(-total // self.n)))[:total]
+        return perm[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos = self.start
+        epoch, offset = divmod(pos, self.per_rank)
+        while True:
+            shard = self.shard(epoch)
+            for k in range(offset, self.per_rank):
+                global_pos = (epoch * self.per_rank + k) * self.world_size + self.rank
+                yield shard[k], _mix(self.seed, self.key, 1 << 40, global_pos)
+            epoch, offset = epoch + 1, 0
+
+
+class SeededTransformDataset(Dataset):
+    """Reads ``base[index]`` and applies ``transform`` under ``torch.manual_seed(sample_seed)``."""
+
+    def __init__(self, base: Dataset, transform: Callable | None):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, sample_seed = item
+        else:
+            index, sample_seed = item, None
+        with torch.random.fork_rng(devices=[]):
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed)
+            image, target = self.base[index]
+            if self.transform is not None:
+                image, target = self.transform(image, target)
+        return image, target
+
+
+def collate(task: str) -> Callable[[list], dict]:
+    """Batch builder of a task: the batch layouts of docs/architecture.md."""
+    if task not in ("cls", "det", "seg"):
+        raise ValueError(f"task must be cls, det or seg, got {task!r}")
+    return _Collate(task)
+
+
+class _Collate:
+    def __init__(self, task: str):
+        self.task = task
+
+    def __call__(self, samples: list) -> dict:
+        images = torch.stack([s[0] for s in samples])
+        if self.task == "cls":
+            return {"images": images, "labels": torch.tensor([int(s[1]["label"]) for s in samples], dtype=torch.int64)}
+        if self.task == "det":
+            return {"images": images, "targets": [
+                {"boxes": torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+                 "labels": torch.as_tensor(t["labels"], dtype=torch.int64)} for _, t in samples]}
+        return {"images": images, "masks": torch.stack([torch.as_tensor(t["mask"], dtype=torch.int64) for _, t in samples])}
+
+
+class MultiSourceLoader:
+    """Infinite iterator: ``next(loader)`` -> ``{source_name: batch}`` with every source present."""
+
+    def __init__(self, datasets: dict[str, Dataset], batch_sizes: dict[str, int],
+                 transforms: dict[str, Callable] | None, tasks: dict[str, str], *, seed: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+        if not datasets:
+            raise ValueError("MultiSourceLoader needs at least one source")
+        for what, d in (("batch_sizes", batch_sizes), ("tasks", tasks)):
+            missing = sorted(set(datasets) - set(d))
+            if missing:
+                raise ValueError(f"{what} has no entry for sources {missing}")
+        self.datasets = datasets
+        self.batch_sizes = {k: int(batch_sizes[k]) for k in datasets}
+        self.transforms = {k: (transforms or {}).get(k) for k in datasets}
+        self.tasks = {k: tasks[k] for k in datasets}
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._consumed = {k: 0 for k in datasets}
+        self._iters: dict[str, Iterator] | None = None
+        self._loaders: dict[str, DataLoader] = {}
+
+    def _build(self) -> None:
+        self._iters, self._loaders = {}, {}
+        for name, ds in self.datasets.items():
+            bs = self.batch_sizes[name]
+            sampler = ShardedInfiniteSampler(len(ds), seed=self.seed, source=name, rank=self.rank,
+                                             world_size=self.world_size, start=self._consumed[name] * bs)
+            loader = DataLoader(
+                SeededTransformDataset(ds, self.transforms[name]), batch_size=bs, sampler=sampler,
+                drop_last=True, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0, collate_fn=collate(self.tasks[name]),
+                # own generator: creating iterators must not consume the global torch RNG
+                generator=torch.Generator().manual_seed(_mix(self.seed, source_key(name), 7)),
+            )
+            self._loaders[name] = loader
+            self._iters[name] = iter(loader)
+
+    def __iter__(self) -> "MultiSourceLoader":
+        return self
+
+    def __next__(self) -> dict[str, dict]:
+        if self._iters is None:
+            self._build()
+        batch = {}
+        for name, it in self._iters.items():
+            batch[name] = next(it)
+            self._consumed[name] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Batches consumed per source (by the caller, not prefetched)."""
+        return dict(self._consumed)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue exactly after the batches counted in ``state`` (same samples, same augmentation)."""
+        if set(state) != set(self.datasets):
+            raise ValueError(f"loader state is for sources {sorted(state)} but this loader has "
+                             f"{sorted(self.datasets)}; resume with the same sources")
+        self.close()
+        self._consumed = {k: int(state[k]) for k in self.datasets}
+
+    def close(self) -> None:
+        """Stop worker processes (they also stop when the loader is garbage collected)."""
+        for it in (self._iters or {}).values():
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._iters, self._loaders = None, {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def eval_loader(dataset: Dataset, task: str, size: int, batch_size: int, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """Finite, unshuffled loader with the eval transform (resize + normalise), for validation/transfer."""
+    from xlearner.data.transforms import build_transform
+
+    return DataLoader(SeededTransformDataset(dataset, build_transform(task, size, train=False)),
+                      batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=collate(task))

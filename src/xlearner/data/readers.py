@@ -1,0 +1,515 @@
+"""Readers for the formats a user brings; every one yields the sample schema of ``schema.py``.
+
+Each reader is a ``torch.utils.data.Dataset`` with ``name``, ``task``, ``class_names``,
+``num_classes`` and ``bad`` (a ``BadSampleLog``). Annotations are parsed and checked once
+at construction (cheap: no image is decoded), so a bad box, an undeclared category or a
+missing file is reported before training starts. Decoding problems (a corrupt image, a mask
+with a value out of range) can only be seen when a record is read: under
+``on_bad_sample: error`` they raise; under ``skip`` the record is counted in ``bad`` and the
+next valid record is returned instead, so a batch never holds a wrong label.
+``xlearner data check`` decodes every record up front and lists them all.
+
+Splits: ``train`` reads ``root``/``annotations``/``masks``. ``val`` reads the ``val_*`` paths
+when any is given, otherwise a deterministic ``val_fraction`` of the train records chosen by
+``split_seed`` (and ``train`` then excludes them). ``test`` reads the ``test_*`` paths when
+any is given, otherwise it is the same records as ``val`` (attribute ``test_is_val`` is True).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from xlearner.config import SourceConfig
+from xlearner.data.schema import IGNORE_INDEX, BadSampleError, BadSampleLog
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+BOX_TOLERANCE = 1.0
+"""Boxes may overhang the image by up to this many pixels (rounding in annotation tools); they are clipped."""
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """uint8 (3, H, W); grey, palette and RGBA images are converted to RGB."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise BadSampleError(f"{path}: image file is missing (restore it or remove its record)") from None
+    except Exception as exc:  # PIL raises many types for truncated/corrupt files
+        raise BadSampleError(
+            f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+            f"re-export the file or remove its record"
+        ) from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_mask(path: Path) -> torch.Tensor:
+    """int64 (H, W) of class indices from a single-channel (L, P, I) PNG."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise BadSampleError(
+                    f"{path}: mask has mode {im.mode}; masks must be single-channel PNGs holding "
+                    f"class indices (mode L or P), 255 = ignore"
+                )
+            arr = np.asarray(im).astype(np.int64)
+    except BadSampleError:
+        raise
+    except FileNotFoundError:
+        raise BadSampleError(f"{path}: mask file is missing (restore it or remove the image)") from None
+    except Exception as exc:
+        raise BadSampleError(f"{path}: cannot decode mask ({type(exc).__name__}: {exc}); re-export it") from None
+    return torch.from_numpy(arr)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------
+# records and the shared base class
+
+
+@dataclass
+class Record:
+    """One sample before decoding: its image file, its parsed target, where it came from."""
+
+    image: Path
+    where: str
+    """Human pointer to the record: 'file.csv line 7', 'ann.json image id 3', ..."""
+    target: dict[str, Any] = field(default_factory=dict)
+    mask: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def split_paths(cfg: SourceConfig, split: str) -> tuple[dict[str, Path | None], bool]:
+    """Paths for a split and whether they are explicit (True) or the train paths to be split (False)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    base = {"root": cfg.root, "annotations": cfg.annotations, "masks": cfg.masks}
+    if split == "train":
+        return base, False
+    for prefix in ((split, "val") if split == "test" else (split,)):
+        given = {k: getattr(cfg, f"{prefix}_{k}") for k in base}
+        if any(v is not None for v in given.values()):
+            # a field not given for the split (e.g. COCO val_annotations without val_root) falls back to train's
+            return {k: given[k] if given[k] is not None else base[k] for k in base}, True
+    return base, False
+
+
+def holdout_indices(n: int, cfg: SourceConfig) -> list[int]:
+    """Deterministic val holdout of the train records: a permutation by split_seed, first ceil(n*f)."""
+    if cfg.val_fraction <= 0 or n == 0:
+        return []
+    k = min(max(1, math.ceil(n * cfg.val_fraction)), n - 1) if n > 1 else 0
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+class RecordSource(Dataset):
+    """Shared machinery: split selection, bad-record policy, decoding with skip fallback."""
+
+    task: str = ""
+
+    def __init__(self, cfg: SourceConfig, split: str = "train"):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.split = split
+        self.bad = BadSampleLog(source=cfg.name, policy=cfg.on_bad_sample)
+        paths, explicit = split_paths(cfg, split)
+        self.test_is_val = split == "test" and not any(
+            getattr(cfg, f"test_{k}") is not None for k in ("root", "annotations", "masks"))
+        records = self._read(paths)  # subclasses also set class_names
+        holdout = not split_paths(cfg, "val")[1] if split == "train" else not explicit
+        if holdout:
+            held = set(holdout_indices(len(records), cfg))
+            keep = held if split != "train" else set(range(len(records))) - held
+            records = [r for i, r in enumerate(records) if i in keep]
+        self.records: list[Record] = []
+        for r in records:
+            if r.problems:
+                for p in r.problems:
+                    self.bad.report(p)
+            else:
+                self.records.append(r)
+        if not self.records:
+            where = ", ".join(f"{k}={v}" for k, v in paths.items() if v is not None)
+            hint = ("set val_fraction > 0 or give val_root/val_annotations"
+                    if split != "train" and not explicit and cfg.val_fraction == 0 else
+                    "point the config at a folder/file with records")
+            skipped = f" ({self.bad.count} bad records skipped)" if self.bad.count else ""
+            raise BadSampleError(f"source '{self.name}' split '{split}' is empty{skipped} ({where}); {hint}")
+
+    # subclasses ------------------------------------------------------------------------
+    def _read(self, paths: dict[str, Path | None]) -> list[Record]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _set_class_names(self, found: list[str], where: str) -> None:
+        """Class names from the config when given, else the found ones (already sorted)."""
+        given = self.cfg.class_names
+        self.class_names = list(given) if given else list(found)
+        if given:
+            unknown = [n for n in found if n not in given]
+            if unknown and self.task != "det":
+                raise BadSampleError(
+                    f"{where}: classes {unknown} are not among the config's class_names {given}; "
+                    f"add them to class_names or remove those records")
+
+    # reading ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> tuple[torch.Tensor, dict]:
+        """Decode record i; raise BadSampleError on any problem, whatever the policy."""
+        r = self.records[i]
+        try:
+            image = decode_image(r.image)
+        except BadSampleError as exc:
+            raise BadSampleError(f"{exc} [record: {r.where}]") from None
+        if self.task == "cls":
+            return image, {"label": int(r.target["label"])}
+        if self.task == "det":
+            return image, {"boxes": r.target["boxes"].clone(), "labels": r.target["labels"].clone()}
+        mask = decode_mask(r.mask)
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
+                                 f"{tuple(image.shape[-2:])}; re-export the mask at the image size [record: {r.where}]")
+        bad = mask[(mask >= self.num_classes) & (mask != IGNORE_INDEX)]
+        if bad.numel():
+            raise BadSampleError(
+                f"{r.mask}: mask holds value {int(bad[0])} but class_names has {self.num_classes} classes "
+                f"(values must be 0..{self.num_classes - 1} or 255 = ignore); fix the mask or class_names "
+                f"[record: {r.where}]")
+        return image, {"mask": mask}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        """Under skip, a record that fails to decode is counted once and the next valid one is returned."""
+        n = len(self.records)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                return self.load(j)
+            except BadSampleError as exc:
+                self.bad.report(str(exc))  # raises under 'error'
+        raise BadSampleError(f"source '{self.name}': no record of split '{self.split}' can be decoded")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, task={self.task}, split={self.split}, "
+                f"n={len(self)}, classes={self.num_classes}, skipped={self.bad.count})")
+
+
+# ---------------------------------------------------------------------------------------
+# classification
+
+
+class ImageFolderSource(RecordSource):
+    """``root/<class name>/<image>``; classes are the sorted folder names."""
+
+    task = "cls"
+
+    def _read(self, paths):
+        root = paths["root"]
+        if root is None or not Path(root).is_dir():
+            raise BadSampleError(f"{root}: ImageFolder root is not a folder; set root to a folder with one sub-folder per class")
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._set_class_names([p.name for p in folders], str(root))
+        records = []
+        for folder in folders:
+            images = sorted(p for p in folder.iterdir() if _is_image(p))
+            if not images:
+                records.append(Record(folder, f"class folder {folder}", problems=[
+                    f"{folder}: class folder '{folder.name}' has no images (extensions "
+                    f"{sorted(IMAGE_EXTENSIONS)}); add images or remove the folder"]))
+                continue
+            label = self.class_names.index(folder.name)
+            records.extend(Record(p, f"{p}", {"label": label}) for p in images)
+        return records
+
+
+class CsvSource(RecordSource):
+    """CSV with header ``path,label``; label is a class name or an integer index.
+
+    Paths are relative to ``root`` when given, else to the CSV's folder. Without
+    ``class_names`` in the config, labels must be all integers (classes ``"0".."K-1"``) or all
+    names (classes = their sorted set).
+    """
+
+    task = "cls"
+
+    def _read(self, paths):
+        path = paths["annotations"]
+        base = Path(paths["root"]) if paths["root"] is not None else Path(path).parent
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        except OSError as exc:
+            raise BadSampleError(f"{path}: cannot read CSV ({exc}); check the annotations path") from None
+        if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "label"]:
+            raise BadSampleError(f"{path}: line 1 must be the header 'path,label', got {rows[0] if rows else 'an empty file'}")
+        entries = []  # (line, path, label text)
+        records = []
+        for lineno, row in enumerate(rows[1:], start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                records.append(Record(Path(path), f"{path} line {lineno}", problems=[
+                    f"{path} line {lineno}: expected 'path,label', got {row}; fix or delete the line"]))
+                continue
+            entries.append((lineno, row[0].strip(), row[1].strip()))
+        given = self.cfg.class_names
+        texts = [e[2] for e in entries]
+        all_int = all(_is_int(t) for t in texts)
+        if given:
+            self.class_names = list(given)
+        elif all_int:
+            k = max((int(t) for t in texts), default=-1) + 1
+            self.class_names = [str(i) for i in range(k)]
+        else:
+            ints = [(ln, t) for ln, _, t in entries if _is_int(t)]
+            if ints:
+                raise BadSampleError(
+                    f"{path} line {ints[0][0]}: label {ints[0][1]!r} is an integer but other labels are "
+                    f"class names; use one kind, or give class_names in the config so both can be read")
+            self.class_names = sorted(set(texts))
+        for lineno, rel, text in entries:
+            where = f"{path} line {lineno}"
+            img = Path(rel) if Path(rel).is_absolute() else base / rel
+            if text in self.class_names:
+                label = self.class_names.index(text)
+            elif _is_int(text) and 0 <= int(text) < len(self.class_names):
+                label = int(text)
+            else:
+                records.append(Record(img, where, problems=[
+                    f"{where}: label {text!r} is not a class ({self.class_names}) nor an index "
+                    f"0..{len(self.class_names) - 1}; fix the label or class_names"]))
+                continue
+            rec = Record(img, where, {"label": label})
+            if not img.is_file():
+                rec.problems.append(f"{where}: image file {img} is missing; restore it or delete the line")
+            records.append(rec)
+        return records
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# detection
+
+
+def _check_box(box: list[float], w: float | None, h: float | None, where: str) -> tuple[list[float] | None, str | None]:
+    """xyxy box -> (clipped box, None) or (None, problem)."""
+    x1, y1, x2, y2 = box
+    if not all(math.isfinite(v) for v in box):
+        return None, f"{where}: box {box} has a non-finite coordinate; fix the annotation"
+    if x2 <= x1 or y2 <= y1:
+        return None, f"{where}: box {box} (x1,y1,x2,y2) has x2 <= x1 or y2 <= y1; fix its width/height or delete it"
+    if w is not None and h is not None:
+        t = BOX_TOLERANCE
+        if x1 < -t or y1 < -t or x2 > w + t or y2 > h + t:
+            return None, f"{where}: box {box} (x1,y1,x2,y2) lies outside the {w:g}x{h:g} image; fix or delete it"
+        x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+        if x2 <= x1 or y2 <= y1:
+            return None, f"{where}: box {box} has no area inside the {w:g}x{h:g} image; fix or delete it"
+    return [x1, y1, x2, y2], None
+
+
+def _det_target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+class CocoSource(RecordSource):
+    """COCO JSON: bbox xywh -> xyxy; category ids -> contiguous 0..K-1 in sorted-id order.
+
+    ``category_ids[k]`` is the original id of contiguous class k (for reports). Images without
+    annotations are kept (no boxes); ``iscrowd`` annotations are ignored. Any bad annotation
+    marks its whole image bad, so an object is never silently turned into background.
+    """
+
+    task = "det"
+
+    def _read(self, paths):
+        path, root = paths["annotations"], Path(paths["root"])
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadSampleError(f"{path}: cannot read COCO JSON ({exc}); check the annotations path") from None
+        for key in ("images", "categories"):
+            if not isinstance(data.get(key), list):
+                raise BadSampleError(f"{path}: COCO JSON has no '{key}' list; is this a COCO detection file?")
+        cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
+        self.category_ids = sorted(cats)
+        contiguous = {cid: k for k, cid in enumerate(self.category_ids)}
+        names = [cats[c] for c in self.category_ids]
+        if self.cfg.class_names:
+            if len(self.cfg.class_names) != len(names):
+                raise BadSampleError(f"{path}: config class_names has {len(self.cfg.class_names)} names but the "
+                                     f"file declares {len(names)} categories; make them match")
+            names = list(self.cfg.class_names)
+        self.class_names = names
+        records: dict[int, Record] = {}
+        sizes: dict[int, tuple[float | None, float | None]] = {}
+        for img in data["images"]:
+            iid = int(img["id"])
+            file = root / img["file_name"]
+            rec = Record(file, f"{path} image id {iid} ({img['file_name']})",
+                         {"boxes": [], "labels": []})
+            if not file.is_file():
+                rec.problems.append(f"{rec.where}: image file {file} is missing; restore it or remove the image "
+                                    f"and its annotations from the JSON")
+            records[iid] = rec
+            sizes[iid] = (img.get("width"), img.get("height"))
+        orphans = []
+        for ann in data.get("annotations", []) or []:
+            aid = ann.get("id")
+            where = f"{path} annotation id {aid}"
+            iid = int(ann.get("image_id", -1))
+            if iid not in records:
+                orphans.append(Record(Path(path), where, problems=[
+                    f"{where}: image_id {iid} is not in 'images'; add the image or delete the annotation"]))
+                continue
+            rec = records[iid]
+            if ann.get("iscrowd", 0):
+                continue
+            cid = ann.get("category_id")
+            if cid not in contiguous:
+                rec.problems.append(f"{where} (image {rec.image.name}): category_id {cid} is not declared in "
+                                    f"'categories' (ids {self.category_ids}); declare it or fix the annotation")
+                continue
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                rec.problems.append(f"{where}: bbox {bbox!r} is not [x, y, w, h]; fix the annotation")
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            box, problem = _check_box([x, y, x + w, y + h], *sizes[iid], f"{where} (image {rec.image.name})")
+            if problem:
+                rec.problems.append(problem)
+                continue
+            rec.target["boxes"].append(box)
+            rec.target["labels"].append(contiguous[cid])
+        out = []
+        for iid in sorted(records):
+            rec = records[iid]
+            rec.target = _det_target(rec.target["boxes"], rec.target["labels"])
+            out.append(rec)
+        return out + orphans
+
+
+class VocSource(RecordSource):
+    """Folder of Pascal VOC XML files; ``<filename>`` relative to ``root``.
+
+    Coordinates are read as given (x1,y1,x2,y2 pixel edges, no 1-based shift). Classes are the
+    config's class_names when given, else the sorted set of object names found.
+    """
+
+    task = "det"
+
+    def _read(self, paths):
+        folder, root = Path(paths["annotations"]), Path(paths["root"])
+        if not folder.is_dir():
+            raise BadSampleError(f"{folder}: VOC annotations must be a folder of .xml files")
+        parsed = []
+        records = []
+        for xml in sorted(folder.glob("*.xml")):
+            try:
+                tree = ET.parse(xml).getroot()
+                filename = tree.findtext("filename")
+                if not filename:
+                    raise ValueError("no <filename>")
+                size = tree.find("size")
+                w = float(size.findtext("width")) if size is not None and size.findtext("width") else None
+                h = float(size.findtext("height")) if size is not None and size.findtext("height") else None
+                objs = []
+                for i, obj in enumerate(tree.findall("object")):
+                    bb = obj.find("bndbox")
+                    objs.append((obj.findtext("name", "").strip(),
+                                 [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]))
+            except Exception as exc:
+                records.append(Record(xml, str(xml), problems=[
+                    f"{xml}: cannot parse VOC XML ({type(exc).__name__}: {exc}); fix or delete the file"]))
+                continue
+            parsed.append((xml, root / filename, w, h, objs))
+        found = sorted({name for *_, objs in parsed for name, _ in objs})
+        self._set_class_names(found, str(folder))
+        for xml, img, w, h, objs in parsed:
+            rec = Record(img, str(xml))
+            boxes, labels = [], []
+            if not img.is_file():
+                rec.problems.append(f"{xml}: image file {img} (<filename>) is missing; restore it or delete the XML")
+            for i, (name, box) in enumerate(objs):
+                where = f"{xml} object {i} ({name})"
+                if name not in self.class_names:
+                    rec.problems.append(f"{where}: class '{name}' is not in class_names {self.class_names}; "
+                                        f"add it to class_names or fix the name")
+                    continue
+                box, problem = _check_box(box, w, h, where)
+                if problem:
+                    rec.problems.append(problem)
+                    continue
+                boxes.append(box)
+                labels.append(self.class_names.index(name))
+            rec.target = _det_target(boxes, labels)
+            records.append(rec)
+        return records
+
+
+# ---------------------------------------------------------------------------------------
+# segmentation
+
+
+class MaskFolderSource(RecordSource):
+    """Image folder + folder of PNG masks matched by file stem; mask values are class indices, 255 = ignore."""
+
+    task = "seg"
+
+    def _read(self, paths):
+        root, masks = Path(paths["root"]), Path(paths["masks"])
+        for p, what in ((root, "root (images)"), (masks, "masks")):
+            if not p.is_dir():
+                raise BadSampleError(f"{p}: {what} is not a folder")
+        if not self.cfg.class_names:
+            raise BadSampleError(f"source '{self.name}': maskfolder needs class_names (names of mask values 0..K-1)")
+        self.class_names = list(self.cfg.class_names)
+        by_stem = {p.stem: p for p in masks.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+        records = []
+        for img in sorted(p for p in root.iterdir() if _is_image(p)):
+            rec = Record(img, str(img), mask=by_stem.get(img.stem))
+            if rec.mask is None:
+                rec.problems.append(f"{img}: no mask {masks / (img.stem + '.png')} for this image; add the mask "
+                                    f"or remove the image")
+            records.append(rec)
+        return records
+
+
+READERS: dict[str, type[RecordSource]] = {
+    "imagefolder": ImageFolderSource,
+    "csv": CsvSource,
+    "coco": CocoSource,
+    "voc": VocSource,
+    "maskfolder": MaskFolderSource,
+}
