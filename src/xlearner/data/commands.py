@@ -1,0 +1,60 @@
+"""`xlearner data fetch|list|show|check`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(args: argparse.Namespace) -> int:
+    from xlearner.data import embedded
+
+    try:
+        if args.data_command == "fetch":
+            embedded.fetch(args.names or None, force=args.force)
+            return 0
+        if args.data_command == "list":
+            print(format_table(embedded.list_rows(fetch_missing=not args.no_fetch)))
+            return 0
+        if args.data_command == "show":
+            return _show(args)
+        if args.data_command == "check":
+            from xlearner.data.check import check_source_file
+            problems = check_source_file(args.source_yaml)
+            return 1 if problems else 0
+    except embedded.EmbeddedDataError as exc:
+        print(f"xlearner: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.data_command)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from xlearner.data import embedded
+    from xlearner.data.show import show_grid
+
+    if args.name in embedded.EMBEDDED:
+        ds = embedded.open_dataset(args.name, args.split)
+    elif Path(args.name).suffix in (".yaml", ".yml") or Path(args.name).exists():
+        from xlearner.config import load_source_config
+        from xlearner.data.sources import build_source
+        ds = build_source(load_source_config(args.name), args.split)
+    else:
+        embedded.info(args.name)  # raises with the known names and the closest one
+        return 2
+    out = show_grid(ds, args.out, n=args.num, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """An aligned text table; counts not yet known (not fetched) show as '-'."""
+    cols = ["name", "task", "role", "classes", "train", "val", "test", "origin", "licence"]
+    cells = [[("-" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+    numeric = {"classes", "train", "val", "test"}
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if c in numeric else v.ljust(w)
+                         for c, v, w in zip(cols, vals, widths)).rstrip()
+
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
