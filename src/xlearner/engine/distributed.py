@@ -1,0 +1,76 @@
+"""Process-group set-up for torchrun, and the few collectives the engine needs.
+
+Launch with ``torchrun --nproc_per_node N ...``: torchrun sets ``RANK``, ``WORLD_SIZE``
+and ``LOCAL_RANK`` (and the rendezvous address). Without them everything degrades to a
+single process: every helper here is safe to call when no process group exists.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group described by torchrun's environment (idempotent).
+
+    Returns ``(rank, world_size, local_rank)``. Backend: nccl on CUDA, gloo on CPU. On
+    CUDA the process's current device is set to ``cuda:LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group(backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
+    if is_dist():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, local
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (call once, at the very end of the program)."""
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single process)."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

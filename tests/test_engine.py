@@ -1,0 +1,236 @@
+"""Engine tests on a toy two-source module and a deterministic, resumable fake loader (CPU)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from xlearner.config import TrainConfig
+from xlearner.engine import NonFiniteLossError, atomic_save, fit, load_checkpoint, lr_factor
+from xlearner.engine.checkpoint import checkpoint_path
+
+G = 8  # global batch per source
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops + a busy 2-core machine: intra-op threads only add spin-wait stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_batch(index: int, rank: int = 0, world: int = 1, seed: int = 0) -> dict:
+    """Global batch ``index`` of two sources; rank r gets the r-th slice of it."""
+    g = torch.Generator().manual_seed(seed * 100003 + index)
+    xa = torch.randn(G, 8, generator=g)
+    ya = (xa[:, 0] + xa[:, 1] > 0).long()  # learnable
+    xb = torch.randn(G, 8, generator=g)
+    yb = xb[:, :2].sum(1, keepdim=True) * 0.5
+    sl = slice(rank * G // world, (rank + 1) * G // world)
+    return {"a": {"images": xa[sl], "labels": ya[sl]}, "b": {"images": xb[sl], "target": yb[sl]},
+            "index": index}
+
+
+class FakeLoader:
+    """Infinite, deterministic; ``state_dict`` is the number of batches handed out."""
+
+    def __init__(self, rank: int = 0, world: int = 1, crash_at: int | None = None) -> None:
+        self.pos, self.rank, self.world, self.crash_at = 0, rank, world, crash_at
+
+    def __iter__(self):
+        while True:
+            if self.crash_at is not None and self.pos == self.crash_at:
+                raise RuntimeError("simulated kill")
+            b = make_batch(self.pos, self.rank, self.world)
+            self.pos += 1
+            yield b
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+
+
+class Toy(nn.Module):
+    """Shared trunk, head 'a' (cross-entropy), head 'b' (regression); dropout uses the RNG."""
+
+    def __init__(self, nan_at_index: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(0.1))
+        self.head_a = nn.Linear(16, 2)
+        self.head_b = nn.Linear(16, 1)
+        self.nan_at_index = nan_at_index
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        la = nn.functional.cross_entropy(self.head_a(self.trunk(batch["a"]["images"])), batch["a"]["labels"])
+        lb = nn.functional.mse_loss(self.head_b(self.trunk(batch["b"]["images"])), batch["b"]["target"])
+        if self.nan_at_index is not None and batch["index"] == self.nan_at_index:
+            lb = lb * float("nan")
+        return {"a": la, "b": lb}
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=12, lr=1e-2, warmup_steps=2, log_every=1, ckpt_every=100, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train_lines(out: Path) -> list[dict]:
+    return [r for r in read_log(out) if "val" not in r]
+
+
+def test_loss_falls_and_outputs(tmp_path):
+    res = fit(Toy(), FakeLoader(), cfg(steps=40, warmup_steps=4), tmp_path, seed=1)
+    lines = train_lines(tmp_path)
+    assert [r["step"] for r in lines] == list(range(1, 41))
+    first = sum(r["total"] for r in lines[:5]) / 5
+    last = sum(r["total"] for r in lines[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert set(lines[0]) >= {"step", "a", "b", "total", "lr", "images_per_s"}
+    assert res.steps == 40 and res.images_seen == 40 * 2 * G and res.images_per_s > 0
+    assert set(res.last_losses) == {"a", "b", "total"}
+    assert any((tmp_path / "tb").iterdir())
+    state = load_checkpoint(checkpoint_path(tmp_path))
+    assert state["step"] == 40 and state["loader"] == {"pos": 40}
+
+
+def test_loss_weights(tmp_path):
+    fit(Toy(), FakeLoader(), cfg(steps=3), tmp_path, loss_weights={"b": 0.0, "a": 2.0})
+    for r in train_lines(tmp_path):
+        assert r["total"] == pytest.approx(2.0 * r["a"], rel=1e-6)
+
+
+def test_warmup_cosine_lr(tmp_path):
+    c = cfg(steps=20, warmup_steps=4, lr=0.01, min_lr_ratio=0.1, optimizer="sgd", clip_grad=None)
+    fit(Toy(), FakeLoader(), c, tmp_path)
+    lr = {r["step"]: r["lr"] / 0.01 for r in train_lines(tmp_path)}
+    assert lr[1] == pytest.approx(0.25) and lr[2] == pytest.approx(0.5) and lr[4] == pytest.approx(1.0)
+    assert lr[5] == pytest.approx(1.0)  # cosine starts at its top
+    assert lr[13] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert lr[20] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)  # the floor is reached at cfg.steps
+    assert all(lr[s] >= lr[s + 1] for s in range(4, 20))
+
+
+@pytest.mark.parametrize("ckpt_every,crash_at", [(1, 5), (3, 7)])
+def test_resume_matches_uninterrupted(tmp_path, ckpt_every, crash_at):
+    c = cfg(steps=12, ckpt_every=ckpt_every)
+    full = tmp_path / "full"
+    fit(Toy(), FakeLoader(), c, full, seed=3)
+    part = tmp_path / "part"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit(Toy(), FakeLoader(crash_at=crash_at), c, part, seed=3)  # dies while drawing batch crash_at+1
+    saved = load_checkpoint(checkpoint_path(part))["step"]
+    assert saved == (crash_at // ckpt_every) * ckpt_every
+    m2 = Toy()
+    res = fit(m2, FakeLoader(), c, part, seed=3, resume=True)
+    assert res.steps == 12
+    a, b = train_lines(full), train_lines(part)
+    assert [r["step"] for r in b] == list(range(1, 13))  # lines after the checkpoint were dropped
+    for ra, rb in zip(a, b):
+        for k in ("a", "b", "total", "lr"):
+            assert rb[k] == pytest.approx(ra[k], abs=1e-6, rel=0), (ra["step"], k)
+    wa = load_checkpoint(checkpoint_path(full))["model"]
+    for k, v in m2.state_dict().items():
+        assert torch.allclose(v, wa[k], atol=1e-6, rtol=0), k
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    res = fit(Toy(), FakeLoader(), cfg(steps=2), tmp_path, resume=True)
+    assert res.steps == 2
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ckpt_every,log_every", [(1, 1), (2, 10)])
+def test_nan_guard(tmp_path, ckpt_every, log_every):
+    c = cfg(steps=10, ckpt_every=ckpt_every, log_every=log_every)
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(Toy(nan_at_index=2), FakeLoader(), c, tmp_path)  # batch index 2 = step 3
+    msg = str(err.value)
+    assert "'b'" in msg and "step 3" in msg and "'a'" not in msg
+    assert err.value.step == 3 and err.value.names == ["b"]
+    assert isinstance(err.value, RuntimeError)
+    state = load_checkpoint(checkpoint_path(tmp_path))  # weights_only=True
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_nan_skip_mode(tmp_path):
+    res = fit(Toy(nan_at_index=2), FakeLoader(), cfg(steps=5), tmp_path, on_nonfinite="skip")
+    lines = train_lines(tmp_path)
+    assert lines[2]["skipped"] == 1 and sum(r["skipped"] for r in lines) == 1
+    assert math.isfinite(res.last_losses["total"])
+
+
+def test_atomic_write_survives_crash(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_crash_during_fit_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def flaky_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"garbage")
+            raise OSError("killed during save")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError):
+        fit(Toy(), FakeLoader(), cfg(steps=6, ckpt_every=1), tmp_path)
+    monkeypatch.undo()
+    assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 2
+
+
+def test_evaluate_and_extra_state(tmp_path):
+    seen = []
+
+    def evaluate(m, step):
+        assert isinstance(m, Toy)
+        seen.append(step)
+        torch.rand(5)  # consuming RNG here must not change training
+        return {"acc": 0.5, "step": float(step)}
+
+    c = cfg(steps=6, val_every=2)
+    res = fit(Toy(), FakeLoader(), c, tmp_path / "ev", evaluate=evaluate, extra_state={"cfg": {"x": [1, 2]}})
+    assert seen == [2, 4, 6] and res.metrics == {"acc": 0.5, "step": 6.0}
+    vals = [r for r in read_log(tmp_path / "ev") if "val" in r]
+    assert [v["step"] for v in vals] == [2, 4, 6]
+    state = load_checkpoint(checkpoint_path(tmp_path / "ev"))
+    assert state["extra_state"] == {"cfg": {"x": [1, 2]}}
+    fit(Toy(), FakeLoader(), c, tmp_path / "plain")
+    for ra, rb in zip(train_lines(tmp_path / "ev"), train_lines(tmp_path / "plain")):
+        assert ra["total"] == rb["total"]
+
+
+def test_count_images_and_bf16_on_cpu_warns(tmp_path):
+    with pytest.warns(UserWarning, match="bf16"):
+        res = fit(Toy(), FakeLoader(), cfg(steps=2, amp="bf16"), tmp_path, count_images=lambda b: 7)
+    assert res.images_seen == 14
