@@ -1,0 +1,93 @@
+"""Classification transfer.
+
+``linear``: L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on
+standardised, frozen, pooled last-stage features. C is chosen among ``probe_C`` by top-1 on
+the val split (model fit on train); the chosen C is refit on train + val; the test split is
+scored once. ``finetune``: the backbone plus a linear head trained end to end with AdamW.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from xlearner.metrics import top1
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(),
+                        LogisticRegression(C=float(C), solver="lbfgs", max_iter=1000, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    return clf
+
+
+def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+          test: tuple[np.ndarray, np.ndarray], Cs: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """Linear probe on precomputed features: returns {"top1", "C", "val_top1": {C: acc}}.
+
+    With an empty val split (or a single C) the choice falls to the middle C without peeking at test.
+    """
+    (xtr, ytr), (xv, yv), (xte, yte) = train, val, test
+    if len(np.unique(ytr)) < 2:
+        raise ValueError("linear probe: the training split holds fewer than two classes")
+    Cs = [float(c) for c in Cs]
+    val_acc: dict[float, float] = {}
+    if len(yv) > 0 and len(Cs) > 1:
+        for c in Cs:
+            val_acc[c] = top1(_fit(xtr, ytr, c, seed).predict(xv), yv)
+        best = max(Cs, key=lambda c: (val_acc[c], -abs(np.log10(c))))  # ties: the moderate C
+    else:
+        best = Cs[len(Cs) // 2]
+    xall = np.concatenate([xtr, xv]) if len(yv) else xtr
+    yall = np.concatenate([ytr, yv]) if len(yv) else ytr
+    clf = _fit(xall, yall, best, seed)
+    return {"top1": top1(clf.predict(xte), yte), "C": best,
+            "val_top1": {str(c): a for c, a in val_acc.items()}}
+
+
+def finetune(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
+             batch_size: int, seed: int, augment=None, show_progress: bool = True) -> dict[str, Any]:
+    """Backbone + linear head, AdamW (backbone at lr/10), warmup + cosine; test top-1."""
+    from xlearner.data.loader import MultiSourceLoader, eval_loader
+    from xlearner.data.transforms import build_transform
+    from xlearner.transfer.features import make_optimizer, progress, train_loop
+
+    dev = next(backbone.parameters()).device
+    torch.manual_seed(seed)
+    head = nn.Linear(backbone.channels[-1], num_classes).to(dev)
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    backbone.train()
+    loader = MultiSourceLoader({"ds": train_ds}, {"ds": min(batch_size, len(train_ds))},
+                               {"ds": build_transform("cls", size, train=True, augment=augment)},
+                               {"ds": "cls"}, seed=seed)
+    opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1},
+                          {"params": list(head.parameters()), "lr": lr}], weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(_):
+        b = next(loader)["ds"]
+        logits = head(backbone(b["images"].to(dev))[-1].mean(dim=(2, 3)))
+        return loss_fn(logits, b["labels"].to(dev))
+
+    losses = train_loop(step, list(backbone.parameters()) + list(head.parameters()), opt, steps,
+                        show_progress=show_progress, desc="cls finetune")
+    loader.close()
+    backbone.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        ev = eval_loader(test_ds, "cls", size, batch_size)
+        for b in progress(ev, total=len(ev), desc="test", enable=show_progress):
+            preds.append(head(backbone(b["images"].to(dev))[-1].mean(dim=(2, 3))).argmax(1).cpu())
+            labels.append(b["labels"])
+    return {"top1": top1(torch.cat(preds), torch.cat(labels)), "final_loss": losses[-1] if losses else None}

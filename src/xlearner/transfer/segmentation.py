@@ -1,0 +1,104 @@
+"""Segmentation transfer: FPNNeck + SegHead (Panoptic-FPN semantic head) trained on a backbone.
+
+Same protocol as detection: ``frozen`` (backbone frozen, feature maps computed once per image,
+no augmentation) or ``finetune`` (end to end, backbone at lr/10, the run's seg augmentation);
+per-pixel cross-entropy ignoring 255; test mIoU (confusion matrix over the whole test split).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlearner.metrics import ConfusionMatrix
+from xlearner.transfer.features import (infinite_indices, make_optimizer, precompute_maps, progress,
+                                        train_loop)
+
+
+def build_seg(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int):
+    from xlearner.models.heads import FPNNeck, SegHead
+
+    torch.manual_seed(seed)
+    neck = FPNNeck(list(backbone.channels), fpn_channels)
+    head = SegHead(fpn_channels, num_classes, list(backbone.strides))
+    return neck, head
+
+
+def transfer_seg(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
+                 batch_size: int, seed: int, mode: str = "frozen", fpn_channels: int = 64, augment=None,
+                 cache: dict | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Train neck + SegHead, return {"mIoU", "pixel_acc", "final_loss"} on ``test_ds``."""
+    dev = next(backbone.parameters()).device
+    neck, head = build_seg(backbone, num_classes, fpn_channels, seed)
+    neck.to(dev), head.to(dev)
+    neck.train(), head.train()
+    image_size = (size, size)
+    bs = max(1, min(batch_size, len(train_ds)))
+
+    def seg_loss(logits, masks):
+        return F.cross_entropy(logits, masks, ignore_index=255)
+
+    if mode == "frozen":
+        backbone.eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        cache = cache if cache is not None else {}
+        if "train" not in cache:
+            maps, masks = precompute_maps(backbone, train_ds, "seg", size, show_progress=show_progress,
+                                          desc="seg features (train)")
+            cache["train"] = (maps, torch.stack(masks) if masks else torch.zeros(0, size, size, dtype=torch.long))
+        maps, masks = cache["train"]
+        order = infinite_indices(len(masks), bs, seed)
+
+        def step(_):
+            idx = next(order)
+            feats = [m[idx].to(dev, torch.float32) for m in maps]
+            return seg_loss(head(neck(feats), image_size), masks[idx].to(dev))
+
+        params = list(neck.parameters()) + list(head.parameters())
+        opt = make_optimizer([{"params": params, "lr": lr}])
+        losses = train_loop(step, params, opt, steps, show_progress=show_progress, desc="seg head")
+    elif mode == "finetune":
+        from xlearner.data.loader import MultiSourceLoader
+        from xlearner.data.transforms import build_transform
+
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        backbone.train()
+        loader = MultiSourceLoader({"ds": train_ds}, {"ds": bs},
+                                   {"ds": build_transform("seg", size, train=True, augment=augment)},
+                                   {"ds": "seg"}, seed=seed)
+
+        def step(_):
+            b = next(loader)["ds"]
+            return seg_loss(head(neck(backbone(b["images"].to(dev))), image_size), b["masks"].to(dev))
+
+        hp = list(neck.parameters()) + list(head.parameters())
+        opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
+        losses = train_loop(step, list(backbone.parameters()) + hp, opt, steps, show_progress=show_progress,
+                            desc="seg finetune")
+        loader.close()
+    else:
+        raise ValueError(f"seg transfer mode must be frozen or finetune, got {mode!r}")
+
+    backbone.eval(), neck.eval(), head.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=255)
+    with torch.no_grad():
+        if mode == "frozen":
+            if "test" not in cache:
+                cache["test"] = precompute_maps(backbone, test_ds, "seg", size, show_progress=show_progress,
+                                                desc="seg features (test)")
+            tmaps, tmasks = cache["test"]
+            for i in range(0, len(tmasks), 64):
+                feats = [m[i:i + 64].to(dev, torch.float32) for m in tmaps]
+                pred = head(neck(feats), image_size).argmax(1).cpu()
+                cm.update(pred, torch.stack(list(tmasks[i:i + 64])))
+        else:
+            from xlearner.data.loader import eval_loader
+
+            ev = eval_loader(test_ds, "seg", size, 64)
+            for b in progress(ev, total=len(ev), desc="seg test", enable=show_progress):
+                cm.update(head(neck(backbone(b["images"].to(dev))), image_size).argmax(1).cpu(), b["masks"])
+    return {"mIoU": cm.miou(), "pixel_acc": cm.pixel_accuracy(), "final_loss": losses[-1] if losses else None}

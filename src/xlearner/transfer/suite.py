@@ -1,0 +1,193 @@
+"""`xlearner transfer`: one backbone on one downstream dataset, several seeds, mean and spread.
+
+``transfer_one(backbone_path, source, cfg, mode=None, seeds=None) -> dict`` with keys
+``dataset, task, metric (top1|mAP|mIoU), mode, seeds, scores, mean, std, extra, backbone,
+backbone_params, wall_s`` (scores are fractions; the report shows points).
+Seeds change the head initialisation and the data order (and the probe's solver seed);
+the train subset (``max_train_samples``) and the splits do not depend on the seed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xlearner.config import BackboneConfig, ConfigError, RunConfig, SourceConfig
+
+METRIC = {"cls": "top1", "det": "mAP", "seg": "mIoU"}
+DEFAULT_MODE = {"cls": "cls_mode", "det": "det_mode", "seg": "seg_mode"}
+VALID_MODES = {"cls": ("linear", "finetune"), "det": ("frozen", "finetune"), "seg": ("frozen", "finetune")}
+
+
+# ----------------------------------------------------------------------------- inputs
+def resolve_source(source: str | Path | SourceConfig) -> SourceConfig:
+    """An embedded dataset name, a source YAML path, or a SourceConfig."""
+    if isinstance(source, SourceConfig):
+        return source
+    text = str(source)
+    p = Path(text)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        from xlearner.config import load_source_config
+
+        return load_source_config(p)
+    from xlearner.data.embedded import EMBEDDED, info
+
+    if text not in EMBEDDED:
+        info(text)  # raises with a "did you mean" hint
+    return SourceConfig(name=text, task=EMBEDDED[text].task, format="embedded", dataset=text)
+
+
+def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None) -> tuple[BackboneConfig | None, nn.Module]:
+    """A Backbone module, an exported .safetensors (``models.export.load_backbone``), or a run folder
+    (its product is exported on the fly). Without the export module, a weights file is loaded
+    into ``cfg.backbone``'s architecture."""
+    if isinstance(path, nn.Module):
+        return getattr(path, "cfg", None), path
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"backbone {path} does not exist (expected a .safetensors from `xlearner export` or a run folder)")
+    try:
+        from xlearner.models import export
+    except ImportError:
+        export = None
+    if path.is_dir():
+        if export is None or not hasattr(export, "export_command"):
+            raise ConfigError(f"backbone {path} is a folder: export it first with `xlearner export {path} --out FILE`")
+        from types import SimpleNamespace
+
+        tmp = Path(tempfile.mkdtemp()) / "backbone.safetensors"
+        export.export_command(SimpleNamespace(run_dir=str(path), format="timm", branch=None, out=str(tmp)))
+        path = tmp
+    if export is not None and hasattr(export, "load_backbone"):
+        return export.load_backbone(path)
+    from xlearner.models.backbone import Backbone
+
+    if cfg is None:
+        raise ConfigError("loading a raw weights file needs a config naming the backbone architecture")
+    bcfg = cfg.backbone.model_copy(update={"weights": path})
+    return bcfg, Backbone(bcfg)
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+# ----------------------------------------------------------------------------- transfer
+def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | SourceConfig, cfg: RunConfig,
+                 mode: str | None = None, seeds: int | list[int] | None = None,
+                 show_progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Transfer one backbone to one downstream dataset over several seeds (see module docstring)."""
+    from xlearner.data.sources import build_source
+    from xlearner.transfer.features import extract_pooled, subset
+
+    t0 = time.time()
+    tc = cfg.transfer
+    src = resolve_source(source)
+    task = src.task
+    mode = mode or getattr(tc, DEFAULT_MODE[task])
+    if mode not in VALID_MODES[task]:
+        raise ConfigError(f"transfer mode {mode!r} does not apply to a {task} dataset; use one of {VALID_MODES[task]}")
+    if seeds is None:
+        seeds = tc.seeds
+    seed_list = list(seeds) if isinstance(seeds, (list, tuple)) else [cfg.seed + i for i in range(int(seeds))]
+    if not seed_list:
+        raise ConfigError("transfer needs at least one seed")
+    size = tc.image_size
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    _, backbone = load_any_backbone(backbone_path, cfg)
+    backbone.to(dev)
+    n_params = int(sum(p.numel() for p in backbone.parameters()))
+
+    train = subset(build_source(src, "train"), tc.max_train_samples, seed=src.split_seed)
+    test = build_source(src, "test")
+    num_classes = int(getattr(train, "num_classes", None) or len(train.class_names))
+    augment = cfg.augment.of(task)
+
+    scores: list[float] = []
+    extra: dict[str, list] = {}
+
+    def add(key: str, value: Any) -> None:
+        extra.setdefault(key, []).append(value)
+
+    if task == "cls" and mode == "linear":
+        from xlearner.transfer.linear_probe import probe
+
+        val = build_source(src, "val")
+        bs = max(tc.batch_size, 64)
+        ftr = extract_pooled(backbone, train, size, bs, show_progress, "features (train)")
+        fv = extract_pooled(backbone, val, size, bs, show_progress, "features (val)")
+        fte = extract_pooled(backbone, test, size, bs, show_progress, "features (test)")
+        for s in seed_list:
+            r = probe(ftr, fv, fte, tc.probe_C, seed=s)
+            scores.append(r["top1"])
+            add("C", r["C"])
+            add("val_top1", r["val_top1"])
+    else:
+        common = dict(size=size, steps=tc.steps, lr=tc.lr, batch_size=tc.batch_size, augment=augment,
+                      show_progress=show_progress)
+        cache: dict = {}
+        pristine = copy.deepcopy(backbone.state_dict()) if mode == "finetune" else None
+        for s in seed_list:
+            if pristine is not None:
+                backbone.load_state_dict(pristine)
+            if task == "cls":
+                from xlearner.transfer.linear_probe import finetune
+
+                r = finetune(backbone, train, test, num_classes, seed=s, **common)
+                scores.append(r["top1"])
+            elif task == "det":
+                from xlearner.transfer.detection import transfer_det
+
+                r = transfer_det(backbone, train, test, num_classes, seed=s, mode=mode,
+                                 fpn_channels=cfg.fpn_channels, cache=cache, **common)
+                scores.append(r["mAP"])
+                add("AP50", r["AP50"])
+            else:
+                from xlearner.transfer.segmentation import transfer_seg
+
+                r = transfer_seg(backbone, train, test, num_classes, seed=s, mode=mode,
+                                 fpn_channels=cfg.fpn_channels, cache=cache, **common)
+                scores.append(r["mIoU"])
+                add("pixel_acc", r["pixel_acc"])
+            add("final_loss", r.get("final_loss"))
+    mean, std = _mean_std(scores)
+    return {
+        "dataset": src.name, "task": task, "metric": METRIC[task], "mode": mode,
+        "seeds": seed_list, "scores": scores, "mean": mean, "std": std, "extra": extra,
+        "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
+        "backbone_params": n_params, "num_train": len(train), "num_test": len(test),
+        "image_size": size, "steps": tc.steps if mode != "linear" else None,
+        "wall_s": round(time.time() - t0, 2),
+    }
+
+
+def transfer_command(args) -> int:
+    from xlearner.config import load_config
+
+    cfg = load_config(args.config, list(getattr(args, "overrides", None) or []))
+    res = transfer_one(args.backbone, args.source, cfg, mode=args.mode, seeds=args.seeds)
+    _atomic_json(Path(args.out), res)
+    print(f"{res['dataset']} ({res['task']}, {res['mode']}): {res['metric']} "
+          f"{100 * res['mean']:.1f} ± {100 * res['std']:.1f} over {len(res['seeds'])} seeds "
+          f"[{', '.join(f'{100 * s:.1f}' for s in res['scores'])}] in {res['wall_s']:.0f} s -> {args.out}")
+    return 0

@@ -1,0 +1,186 @@
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from xlearner.config import BackboneConfig, RunConfig, SourceConfig
+from xlearner.transfer.linear_probe import probe
+
+TINY = BackboneConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64], "stem_width": 8})
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
+
+
+# ----------------------------------------------------------------------------- probe core
+def _blobs(n_per, k, dim, rng, sep=5.0):
+    centers = rng.normal(0, sep, (k, dim))
+    x = np.concatenate([centers[c] + rng.normal(0, 1, (n_per, dim)) for c in range(k)])
+    y = np.repeat(np.arange(k), n_per)
+    return x.astype(np.float32), y
+
+
+def test_probe_separable_near_perfect():
+    rng = np.random.default_rng(0)
+    tr, va, te = (_blobs(n, 4, 16, np.random.default_rng(s)) for n, s in ((40, 1), (10, 2), (20, 3)))
+    # the same class centres in every split: re-draw with one generator
+    centers = rng.normal(0, 5, (4, 16))
+
+    def split(n):
+        y = np.repeat(np.arange(4), n)
+        return (centers[y] + rng.normal(0, 1, (len(y), 16))).astype(np.float32), y
+
+    r = probe(split(40), split(10), split(20), [0.01, 0.1, 1.0, 10.0], seed=0)
+    assert r["top1"] >= 0.98
+    assert r["C"] in (0.01, 0.1, 1.0, 10.0) and len(r["val_top1"]) == 4
+
+
+def test_probe_shuffled_labels_near_chance():
+    rng = np.random.default_rng(0)
+    k = 4
+
+    def split(n):
+        return rng.normal(0, 1, (n, 32)).astype(np.float32), rng.integers(0, k, n)
+
+    accs = [probe(split(200), split(100), split(400), [0.01, 1.0], seed=s)["top1"] for s in range(2)]
+    assert abs(np.mean(accs) - 1 / k) < 0.1
+
+
+# ----------------------------------------------------------------------------- tiny on-disk datasets
+def _save(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def _make_cls(root: Path, rng) -> Path:
+    for split, n in (("train", 6), ("val", 3), ("test", 4)):
+        for c, col in enumerate(COLORS):
+            for i in range(n):
+                img = np.full((32, 32, 3), col, np.uint8)
+                img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+                _save(img, root / split / f"class{c}" / f"{i}.png")
+    y = {"name": "tiny_cls", "task": "cls", "format": "imagefolder", "root": "train",
+         "val_root": "val", "test_root": "test"}
+    (root / "source.yaml").write_text(yaml.safe_dump(y))
+    return root / "source.yaml"
+
+
+def _scene(rng, k):
+    img = np.zeros((32, 32, 3), np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    boxes, labels = [], []
+    for _ in range(rng.integers(1, 3)):
+        c = int(rng.integers(0, k))
+        s = int(rng.integers(8, 14))
+        x, y = (int(v) for v in rng.integers(0, 32 - s, 2))
+        img[y:y + s, x:x + s] = COLORS[c]
+        mask[y:y + s, x:x + s] = c + 1
+        boxes.append([x, y, s, s])
+        labels.append(c)
+    return img, mask, boxes, labels
+
+
+def _make_det_seg(root: Path, rng) -> tuple[Path, Path]:
+    for split, n in (("train", 12), ("val", 4), ("test", 6)):
+        images, anns = [], []
+        for i in range(n):
+            img, mask, boxes, labels = _scene(rng, 3)
+            _save(img, root / split / "images" / f"{i}.png")
+            _save(mask, root / split / "masks" / f"{i}.png")
+            images.append({"id": i + 1, "file_name": f"{i}.png", "width": 32, "height": 32})
+            for b, lab in zip(boxes, labels):
+                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": lab + 1, "bbox": b,
+                             "area": b[2] * b[3], "iscrowd": 0})
+        cats = [{"id": c + 1, "name": f"c{c}"} for c in range(3)]
+        (root / split / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    det = {"name": "tiny_det", "task": "det", "format": "coco",
+           "root": "train/images", "annotations": "train/ann.json",
+           "val_root": "val/images", "val_annotations": "val/ann.json",
+           "test_root": "test/images", "test_annotations": "test/ann.json"}
+    seg = {"name": "tiny_seg", "task": "seg", "format": "maskfolder", "class_names": ["background", "a", "b", "c"],
+           "root": "train/images", "masks": "train/masks", "val_root": "val/images", "val_masks": "val/masks",
+           "test_root": "test/images", "test_masks": "test/masks"}
+    (root / "det.yaml").write_text(yaml.safe_dump(det))
+    (root / "seg.yaml").write_text(yaml.safe_dump(seg))
+    return root / "det.yaml", root / "seg.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    rng = np.random.default_rng(0)
+    cls_yaml = _make_cls(root / "cls", rng)
+    det_yaml, seg_yaml = _make_det_seg(root / "dense", rng)
+    torch.manual_seed(0)
+    from xlearner.models.backbone import Backbone
+
+    backbone = Backbone(TINY)
+    path = root / "backbone.safetensors"
+    from xlearner.models.export import save_backbone
+
+    save_backbone(path, backbone.state_dict(), TINY)
+    cfg = RunConfig(sources=[SourceConfig(name="x", task="cls", dataset="sklearn_digits")], backbone=TINY,
+                    fpn_channels=32,
+                    transfer={"steps": 6, "batch_size": 4, "image_size": 32, "seeds": 2, "max_train_samples": 10})
+    return SimpleNamespace(root=root, cls=cls_yaml, det=det_yaml, seg=seg_yaml, backbone=path, cfg=cfg)
+
+
+def _check(res, task, metric, n_seeds=2):
+    assert res["task"] == task and res["metric"] == metric
+    assert len(res["scores"]) == n_seeds == len(res["seeds"])
+    assert all(0.0 <= s <= 1.0 for s in res["scores"])
+    assert res["mean"] == pytest.approx(float(np.mean(res["scores"])))
+    assert res["std"] >= 0.0 and res["backbone_params"] > 0 and res["wall_s"] > 0
+
+
+def test_transfer_cls_linear_probe_end_to_end(tiny):
+    from xlearner.transfer.suite import transfer_one
+
+    res = transfer_one(tiny.backbone, str(tiny.cls), tiny.cfg, show_progress=False)
+    _check(res, "cls", "top1")
+    assert res["mode"] == "linear"
+    assert res["num_train"] == 10  # max_train_samples
+    # colour-constant classes: even a random backbone separates them
+    assert res["mean"] >= 0.9
+
+
+def test_transfer_det_frozen_end_to_end(tiny):
+    from xlearner.transfer.suite import transfer_one
+
+    res = transfer_one(tiny.backbone, str(tiny.det), tiny.cfg, show_progress=False)
+    _check(res, "det", "mAP")
+    assert res["mode"] == "frozen" and len(res["extra"]["AP50"]) == 2
+
+
+def test_transfer_seg_command_writes_json(tiny, tmp_path, capsys):
+    from xlearner.transfer.suite import transfer_command
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny.cfg.to_dict()))
+    out = tmp_path / "out" / "seg.json"
+    args = SimpleNamespace(backbone=str(tiny.backbone), source=str(tiny.seg), config=str(cfg_file),
+                           mode=None, seeds=2, out=str(out), overrides=["transfer.steps=5"])
+    assert transfer_command(args) == 0
+    res = json.loads(out.read_text())
+    _check(res, "seg", "mIoU")
+    assert res["steps"] == 5
+    assert "tiny_seg" in capsys.readouterr().out
+
+
+def test_transfer_cls_finetune_mode(tiny):
+    from xlearner.transfer.suite import transfer_one
+
+    res = transfer_one(tiny.backbone, str(tiny.cls), tiny.cfg, mode="finetune", seeds=1, show_progress=False)
+    _check(res, "cls", "top1", n_seeds=1)
+    assert res["mode"] == "finetune"
+
+
+def test_transfer_rejects_wrong_mode(tiny):
+    from xlearner.config import ConfigError
+    from xlearner.transfer.suite import transfer_one
+
+    with pytest.raises(ConfigError, match="does not apply"):
+        transfer_one(tiny.backbone, str(tiny.det), tiny.cfg, mode="linear", show_progress=False)
