@@ -163,3 +163,32 @@ def test_val_split_empty_names_the_fix(tmp_path):
     png(tmp_path / "a" / "0.png")
     with pytest.raises(BadSampleError, match="val_fraction > 0"):
         ImageFolderSource(cfg(task="cls", format="imagefolder", root=tmp_path), "val")
+
+
+def test_data_check_lists_every_problem(tmp_path, capsys):
+    from xlearner.data.check import check_source_file
+
+    for i in range(4):
+        png(tmp_path / "img" / f"{i}.png", h=20, w=30)
+    (tmp_path / "img" / "3.png").write_bytes(b"garbage")
+    images = [{"id": i, "file_name": f"{i}.png", "width": 30, "height": 20} for i in range(5)]  # 4.png missing
+    anns = [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [1, 1, 0, 4]},
+            {"id": 2, "image_id": 1, "category_id": 9, "bbox": [1, 1, 4, 4]},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 1, 4, 4]}]
+    (tmp_path / "ann.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    (tmp_path / "src.yaml").write_text(
+        "name: mine\ntask: det\nformat: coco\nroot: img\nannotations: ann.json\nval_fraction: 0.0\n"
+        "val_root: img\nval_annotations: ann.json\n")
+    n = check_source_file(tmp_path / "src.yaml")
+    out = capsys.readouterr().out
+    # train and val both read the file: 4 problems each (zero-width box, undeclared id, missing, corrupt)
+    assert n == 8, out
+    for text in ("annotation id 1", "category_id 9", "4.png is missing", "3.png: cannot decode", "8 problems"):
+        assert text in out, out
+    good = tmp_path / "good.yaml"
+    (tmp_path / "ok").mkdir()
+    png(tmp_path / "ok" / "a" / "0.png")
+    png(tmp_path / "ok" / "a" / "1.png")
+    good.write_text("name: ok\ntask: cls\nformat: imagefolder\nroot: ok\nval_fraction: 0.5\n")
+    assert check_source_file(good) == 0

@@ -141,6 +141,7 @@ class RecordSource(Dataset):
             keep = held if split != "train" else set(range(len(records))) - held
             records = [r for i, r in enumerate(records) if i in keep]
         self.records: list[Record] = []
+        self._undecodable: set[int] = set()
         for r in records:
             if r.problems:
                 for p in r.problems:
@@ -202,14 +203,21 @@ class RecordSource(Dataset):
         return image, {"mask": mask}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
-        """Under skip, a record that fails to decode is counted once and the next valid one is returned."""
+        """Under skip, a record that fails to decode is counted once and the next valid one is returned.
+
+        (Counts made inside DataLoader worker processes stay in those workers; `xlearner data
+        check` decodes every record up front and reports them all.)
+        """
         n = len(self.records)
         for k in range(n):
             j = (i + k) % n
+            if j in self._undecodable:
+                continue
             try:
                 return self.load(j)
             except BadSampleError as exc:
                 self.bad.report(str(exc))  # raises under 'error'
+                self._undecodable.add(j)
         raise BadSampleError(f"source '{self.name}': no record of split '{self.split}' can be decoded")
 
     def __repr__(self) -> str:
