@@ -1,0 +1,124 @@
+"""`xlearner export`: a trained backbone alone, under timm or torchvision key names.
+
+The backbone already keeps the key names of the model it was built from
+(see ``backbone.py``), so exporting is: take the keys under a prefix, check them against
+the target library's own model (names and shapes), and write a .safetensors whose
+metadata (arch, kwargs, out_indices) is enough to rebuild the backbone (``load_backbone``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from xlearner.config import BackboneConfig
+from xlearner.models.backbone import TV_RESNETS, Backbone, create_full_model
+
+
+def _reference_state(format: str, arch: str, kwargs: dict) -> dict[str, Tensor]:
+    base = arch[3:] if arch.startswith("tv:") else arch
+    if format == "torchvision":
+        if base not in TV_RESNETS:
+            raise ValueError(f"torchvision format is only for the standard torchvision ResNets "
+                             f"({', '.join(TV_RESNETS)}); {arch!r} is not one: use --format timm")
+        if kwargs and not arch.startswith("tv:"):
+            raise ValueError(f"{arch} was built with timm kwargs {kwargs}, which torchvision.models.{base}() cannot "
+                             f"express: use --format timm")
+        return create_full_model(f"tv:{base}", kwargs).state_dict()
+    if format == "timm":
+        if arch.startswith("tv:") and kwargs:
+            raise ValueError(f"{arch} was built with torchvision kwargs {kwargs}: use --format torchvision")
+        return create_full_model(base, kwargs).state_dict()
+    raise ValueError(f"unknown export format {format!r}: timm or torchvision")
+
+
+def export_backbone_state(state_dict: dict[str, Tensor], prefix: str, format: str, arch: str,
+                          kwargs: dict | None = None) -> dict[str, Tensor]:
+    """Keys under ``prefix`` renamed to those of ``timm.create_model(arch, num_classes=0, **kwargs)``
+    or ``torchvision.models.<arch>()`` minus ``fc``; names and shapes are checked against that model."""
+    tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not tensors:
+        tops = sorted({k.split(".")[0] + "." for k in state_dict})
+        raise ValueError(f"no keys under prefix {prefix!r}; top-level prefixes: {tops}")
+    ref = _reference_state(format, arch, dict(kwargs or {}))
+    unexpected = [k for k in tensors if k not in ref]
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} keys have no place in {format} {arch}: {unexpected[:5]}")
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(ref[k].shape)}" for k, v in tensors.items() if v.shape != ref[k].shape]
+    if bad:
+        raise ValueError(f"shape mismatch against {format} {arch} (wrong kwargs?): {bad[:3]}")
+    missing = [k for k in ref if k not in tensors]
+    if missing:
+        # only the unused tail after the last feature stage (e.g. conv_head) can be absent
+        print(f"note: {len(missing)} keys of {arch} are not part of the trained backbone "
+              f"(the unused part after its last feature stage), e.g. {missing[:3]}; load with strict=False")
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def save_backbone(path: str | Path, tensors: dict[str, Tensor], backbone_cfg: BackboneConfig) -> Path:
+    """Write the tensors with the metadata ``load_backbone`` needs to rebuild the backbone."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": backbone_cfg.name, "kwargs": json.dumps(backbone_cfg.kwargs),
+            "out_indices": json.dumps(list(backbone_cfg.out_indices))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
+    """Rebuild a backbone from an exported file alone (weights loaded strictly)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "arch" not in meta:
+        raise ValueError(f"{path} has no 'arch' metadata: it was not written by `xlearner export`")
+    cfg = BackboneConfig(name=meta["arch"], kwargs=json.loads(meta.get("kwargs", "{}")),
+                         out_indices=tuple(json.loads(meta.get("out_indices", "[1, 2, 3, 4]"))))
+    backbone = Backbone(cfg)
+    backbone.load_state_dict(load_file(str(path)), strict=True)
+    return cfg, backbone
+
+
+def export_command(args) -> int:
+    """``xlearner export RUN_DIR --format timm|torchvision [--branch cls|det|seg] --out FILE``."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(args.run_dir)
+    run_json, weights = run_dir / "run.json", run_dir / "model.safetensors"
+    for p in (run_json, weights):
+        if not p.is_file():
+            raise SystemExit(f"export: {p} does not exist; give a run folder written by `xlearner train`")
+    run = json.loads(run_json.read_text())
+    stage, config = run.get("stage"), run.get("config", {})
+    bcfg = BackboneConfig.model_validate({**config.get("backbone", {}), "weights": None})
+    branch = getattr(args, "branch", None)
+    if stage == "expansion":
+        branch = branch or "cls"
+        prefix = f"backbones.{branch}."
+    else:
+        if branch:
+            print(f"note: --branch is only for expansion runs; {stage} has one backbone")
+        prefix = "backbone."
+    state = load_file(str(weights))
+    if stage == "expansion" and not any(k.startswith(prefix) for k in state):
+        have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
+        raise SystemExit(f"export: expansion run has no {branch!r} branch; branches: {have}")
+    fmt = getattr(args, "format", "timm") or "timm"
+    try:
+        tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"export: {exc}") from None
+    base = bcfg.name[3:] if bcfg.name.startswith("tv:") else bcfg.name
+    out_cfg = bcfg.model_copy(update={"name": f"tv:{base}" if fmt == "torchvision" else base})
+    out = Path(args.out) if getattr(args, "out", None) else run_dir / f"backbone_{fmt}.safetensors"
+    save_backbone(out, tensors, out_cfg)
+    params = sum(v.numel() for k, v in tensors.items() if v.is_floating_point() and "running_" not in k)
+    print(f"wrote {out}: {len(tensors)} tensors, {params:,} parameters, {fmt} key names for {out_cfg.name} "
+          f"(from the {stage} run's {prefix.rstrip('.')})")
+    return 0

@@ -1,0 +1,180 @@
+"""Backbone splitting, reconciliation at init, gradient isolation, lazy branches, heads."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from xlearner.config import BackboneConfig
+from xlearner.models import (Backbone, DetHead, ExpandedNet, FPNNeck, Reconciliation, SegHead, SharedNet,
+                             SourceSpec, TaskHeads, count_parameters)
+
+CFG = BackboneConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64], "stem_width": 8})
+TASKS = ["cls", "det", "seg"]
+SOURCES = [SourceSpec("a", "cls", 5), SourceSpec("b", "cls", 3), SourceSpec("d", "det", 3), SourceSpec("s", "seg", 4)]
+
+
+def _x(size=64):
+    torch.manual_seed(0)
+    return torch.randn(2, 3, size, size)
+
+
+_BUILT = {}
+
+
+def _expanded(**kw):
+    """Built once per option set (timm model construction dominates the test time)."""
+    key = tuple(sorted((k, str(v)) for k, v in kw.items()))
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        bb = Backbone(CFG)
+        _BUILT[key] = ExpandedNet(CFG, TASKS, TaskHeads(SOURCES, bb.channels, bb.strides, 32), **kw)
+    return copy.deepcopy(_BUILT[key])
+
+
+def test_backbone_stages_match_timm_features():
+    import timm
+
+    bb = Backbone(CFG).eval()
+    assert len(bb.stages) == 4 and bb.channels == [8, 16, 32, 64] and bb.strides == [4, 8, 16, 32]
+    ref = timm.create_model("resnet18", num_classes=0, **CFG.kwargs)
+    assert set(bb.state_dict()) == set(ref.state_dict())  # key names are timm's
+    fo = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4), **CFG.kwargs).eval()
+    fo.load_state_dict(bb.state_dict())
+    x = _x()
+    for a, b in zip(bb(x), fo(x)):
+        assert torch.allclose(a, b, atol=1e-5)
+    mid = bb.run_stages(x, 0, 2)
+    assert [m.shape[1] for m in mid] == [8, 16]
+    assert torch.allclose(bb.run_stages(mid[-1], 2, 4)[-1], bb(x)[-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tv:resnet18", "mobilenetv3_small_100"])
+def test_other_backbones(name):
+    bb = Backbone(BackboneConfig(name=name)).eval()
+    feats = bb(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == bb.channels and bb.strides == [4, 8, 16, 32]
+
+
+def test_reconciliation_is_zero_at_init():
+    r = Reconciliation(8)
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(r(x), torch.zeros_like(x))
+    r.eval()
+    assert torch.equal(r(x), torch.zeros_like(x))
+
+
+def test_branch_equals_own_backbone_at_init():
+    net = _expanded()
+    x = _x()
+    for t in TASKS:
+        alone = net.backbones[t](x)
+        for a, b in zip(net.branch_features(x, t), alone):
+            assert torch.allclose(a, b, atol=1e-6)
+    every = net.all_branch_features(x)
+    for t in TASKS:
+        assert torch.allclose(every[t][-1], net.backbones[t](x)[-1], atol=1e-6)
+
+
+def _perturb_reconcilers(net):
+    for m in net.reconcilers.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 0.5)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_others_isolates_gradients(detach):
+    net = _expanded(detach_others=detach)
+    _perturb_reconcilers(net)
+    net.branch_features(_x(32), "det")[-1].pow(2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.backbones["det"].parameters())
+    others = [p for t in ("cls", "seg") for p in net.backbones[t].parameters()]
+    nonzero = any(p.grad is not None and p.grad.abs().sum() > 0 for p in others)
+    assert nonzero == (not detach)
+
+
+def _count_calls(net):
+    calls = {}
+    for t, bb in net.backbones.items():
+        for i, stage in enumerate(bb.stages):
+            calls[(t, i + 1)] = 0
+            stage.register_forward_hook(lambda *a, key=(t, i + 1): calls.__setitem__(key, calls[key] + 1))
+    return calls
+
+
+def test_other_branches_stop_after_last_reconciliation():
+    net = _expanded(reconcile_after=[1, 2])
+    calls = _count_calls(net)
+    net.branch_features(_x(32), "seg")
+    for t in TASKS:
+        for s in (1, 2):
+            assert calls[(t, s)] == 1
+        for s in (3, 4):
+            assert calls[(t, s)] == (1 if t == "seg" else 0)
+
+
+def test_no_reconciliation_runs_only_own_branch():
+    net = _expanded(reconciliation=False)
+    assert count_parameters(net.reconcilers) == 0
+    calls = _count_calls(net)
+    net.branch_features(_x(32), "cls")
+    assert all(n == (1 if t == "cls" else 0) for (t, _), n in calls.items())
+
+
+def test_single_task_expanded():
+    bb = Backbone(CFG)
+    net = ExpandedNet(CFG, ["cls"], TaskHeads(SOURCES[:1], bb.channels, bb.strides, 32))
+    assert len(net.reconcilers) == 0
+    assert net.task_heads.head_forward("a", net.branch_features(_x(32), "cls")).shape == (2, 5)
+
+
+def test_shared_backbone_size_equals_one_branch():
+    net = _expanded()
+    bb = Backbone(CFG)
+    shared = SharedNet(bb, TaskHeads(SOURCES, bb.channels, bb.strides, 32))
+    assert shared.param_counts()["backbone"] == net.param_counts()["backbone/cls"] == count_parameters(net.backbones["det"])
+    assert net.param_counts()["reconciliation"] > 0
+
+
+def test_task_heads_outputs():
+    bb = Backbone(CFG)
+    th = TaskHeads(SOURCES, bb.channels, bb.strides, 32)
+    assert set(th.necks) == {"cls", "det", "seg"} and set(th.heads) == {"a", "b", "d", "s"}
+    feats = bb(_x())
+    assert th.head_forward("a", feats).shape == (2, 5)
+    assert th.head_forward("b", feats).shape == (2, 3)
+    assert th.head_forward("s", feats).shape == (2, 4, 64, 64)
+    fpn = th.head_forward("d", feats)
+    assert [f.shape for f in fpn] == [(2, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+
+
+def _fpn_feats():
+    torch.manual_seed(0)
+    neck = FPNNeck([8, 16, 32, 64], 32)
+    return neck([torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([8, 16, 32, 64], [4, 8, 16, 32])])
+
+
+def test_det_head_losses_and_detect():
+    feats = _fpn_feats()
+    head = DetHead(32, 3, [4, 8, 16, 32])
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    losses = head.losses(feats, (64, 64), targets)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["bbox_regression"] > 0
+    sum(losses.values()).backward()
+    empty = head.losses(feats, (64, 64), [targets[1], targets[1]])
+    assert all(torch.isfinite(v) for v in empty.values())
+    head.eval()
+    dets = head.detect([f.detach() for f in feats], (64, 64))
+    assert len(dets) == 2
+    for d in dets:
+        b = d["boxes"]
+        assert b.shape[1] == 4 and len(b) == len(d["scores"]) == len(d["labels"]) > 0
+        assert (b[:, 2:] >= b[:, :2]).all() and b.min() >= 0 and b.max() <= 64
+        assert d["labels"].min() >= 0 and d["labels"].max() < 3
+
+
+def test_seg_head_logits_shape():
+    feats = _fpn_feats()
+    assert SegHead(32, 6, [4, 8, 16, 32])(feats, (64, 64)).shape == (2, 6, 64, 64)
