@@ -15,7 +15,9 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 ALPHA_THRESHOLD = 0.5
 """A glyph pixel counts as visible (box, mask) where its alpha (intensity/255) is above this."""
 MIN_VISIBLE_PIXELS = 12
-"""An object with fewer visible pixels than this (after occlusion) gets no box."""
+"""An object with fewer visible pixels than this (after occlusion) gets no box..."""
+MIN_VISIBLE_FRACTION = 0.3
+"""...and so does one with less than this fraction of its own glyph pixels left visible."""
 
 
 def _resize(a: np.ndarray, size: int, resample=Image.BILINEAR) -> np.ndarray:
@@ -74,6 +76,7 @@ class SceneComposer:
         owner = np.full((s, s), -1, dtype=np.int64)
         placed_boxes: list[np.ndarray] = []
         placed_labels: list[int] = []
+        placed_pixels: list[int] = []
         n_objects = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
         for _ in range(n_objects):
             k = int(self._classes[rng.integers(len(self._classes))])
@@ -98,12 +101,14 @@ class SceneComposer:
             owner[y0:y0 + side, x0:x0 + side][on] = len(placed_boxes)
             placed_boxes.append(box)
             placed_labels.append(k)
+            placed_pixels.append(int(on.sum()))
         boxes, labels = [], []
         mask = np.zeros((s, s), dtype=np.int64)
         for j, k in enumerate(placed_labels):
             vis = owner == j
             mask[vis] = k + 1
-            if vis.sum() < MIN_VISIBLE_PIXELS:
+            n_vis = int(vis.sum())
+            if n_vis < MIN_VISIBLE_PIXELS or n_vis < MIN_VISIBLE_FRACTION * placed_pixels[j]:
                 continue
             ys, xs = np.nonzero(vis)
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])

@@ -1,0 +1,44 @@
+"""Shared fixtures.
+
+`embedded_home` points XLEARNER_HOME at one cache shared by all tests (and by later test
+runs): ``$XLEARNER_TEST_HOME`` if set, else ``~/.cache/xlearner``. Call it with dataset
+names to fetch them (once; later runs find them cached):
+
+    def test_x(embedded_home):
+        home = embedded_home("nuclei", "mnist")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+class EmbeddedHome:
+    """The test cache root; calling it fetches the named embedded datasets into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, *names: str) -> Path:
+        from xlearner.data.embedded import fetch
+        if names:
+            fetch(list(names), home=self.path)
+        return self.path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@pytest.fixture(scope="session")
+def embedded_home():
+    path = Path(os.environ.get("XLEARNER_TEST_HOME") or Path.home() / ".cache" / "xlearner")
+    path.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("XLEARNER_HOME")
+    os.environ["XLEARNER_HOME"] = str(path)
+    yield EmbeddedHome(path)
+    if old is None:
+        os.environ.pop("XLEARNER_HOME", None)
+    else:
+        os.environ["XLEARNER_HOME"] = old
