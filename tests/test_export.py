@@ -1,0 +1,125 @@
+"""Export under timm/torchvision key names, rebuild from file, initial-weights loading."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from xlearner.config import BackboneConfig
+from xlearner.models import Backbone, ExpandedNet, SharedNet, SourceSpec, TaskHeads
+from xlearner.models.backbone import load_initial_weights
+from xlearner.models.export import export_backbone_state, export_command, load_backbone, save_backbone
+
+KW = {"channels": [8, 16, 32, 64], "stem_width": 8}
+CFG = BackboneConfig(name="resnet18", kwargs=KW)
+
+
+def _x():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 64, 64)
+
+
+def _trained_like(module):
+    """Non-default weights and BN statistics, so a wrong mapping cannot pass by accident."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return module
+
+
+def test_timm_export_loads_strict_and_matches(tmp_path):
+    import timm
+
+    net = SharedNet(_trained_like(Backbone(CFG)), TaskHeads([SourceSpec("a", "cls", 3)], [8, 16, 32, 64], [4, 8, 16, 32], 32))
+    net.eval()
+    tensors = export_backbone_state(net.state_dict(), "backbone.", "timm", "resnet18", KW)
+    ref = timm.create_model("resnet18", num_classes=0, **KW).eval()
+    ref.load_state_dict(tensors, strict=True)
+    x = _x()
+    assert torch.allclose(ref.forward_features(x), net.backbone(x)[-1], atol=1e-5)
+
+    path = save_backbone(tmp_path / "bb.safetensors", tensors, CFG)
+    cfg, rebuilt = load_backbone(path)
+    assert cfg.name == "resnet18" and cfg.kwargs == KW and tuple(cfg.out_indices) == (1, 2, 3, 4)
+    for a, b in zip(rebuilt.eval()(x), net.backbone(x)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_tv_export_loads_strict_into_torchvision():
+    import torchvision
+
+    bb = _trained_like(Backbone(BackboneConfig(name="tv:resnet18"))).eval()
+    tensors = export_backbone_state({f"backbone.{k}": v for k, v in bb.state_dict().items()}, "backbone.",
+                                    "torchvision", "tv:resnet18")
+    ref = torchvision.models.resnet18()
+    ref.fc = nn.Identity()
+    ref.load_state_dict(tensors, strict=True)
+    x = _x()
+    assert torch.allclose(ref.eval()(x), bb(x)[-1].mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_torchvision_format_refuses_non_standard_arch():
+    bb = Backbone(CFG)
+    with pytest.raises(ValueError, match="torchvision"):
+        export_backbone_state(bb.state_dict(), "", "torchvision", "resnet18", KW)
+    with pytest.raises(ValueError, match="torchvision ResNets"):
+        export_backbone_state(bb.state_dict(), "", "torchvision", "efficientnet_b0")
+
+
+def test_export_command_expansion_branch(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    srcs = [SourceSpec("a", "cls", 3), SourceSpec("s", "seg", 2)]
+    net = ExpandedNet(CFG, ["cls", "seg"], TaskHeads(srcs, [8, 16, 32, 64], [4, 8, 16, 32], 32))
+    _trained_like(net.backbones["seg"])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "run.json").write_text(json.dumps({"stage": "expansion", "config": {"backbone": CFG.model_dump(mode="json")}}))
+    out = tmp_path / "seg.safetensors"
+    assert export_command(SimpleNamespace(run_dir=str(tmp_path), format="timm", branch="seg", out=str(out))) == 0
+    assert "wrote" in capsys.readouterr().out
+    _, rebuilt = load_backbone(out)
+    x = _x()
+    net.eval()
+    assert torch.allclose(rebuilt.eval()(x)[-1], net.backbones["seg"](x)[-1], atol=1e-6)
+    with pytest.raises(SystemExit, match="branch"):
+        export_command(SimpleNamespace(run_dir=str(tmp_path), format="timm", branch="det", out=str(out)))
+
+
+def test_initial_weights_pth_report(tmp_path, capsys):
+    src = _trained_like(Backbone(CFG))
+    state = {f"module.backbone.{k}": v for k, v in src.state_dict().items() if not k.startswith("layer4.")}
+    state["fc.weight"] = torch.zeros(3, 64)
+    torch.save(state, tmp_path / "w.pth")
+    bb = Backbone(CFG.model_copy(update={"weights": tmp_path / "w.pth"}))
+    out = capsys.readouterr().out
+    assert "unexpected" in out and "fc.weight" in out and "layer4." in out
+    assert torch.equal(bb.conv1.weight, src.conv1.weight)
+    report = load_initial_weights(Backbone(CFG), tmp_path / "w.pth")
+    assert report["unexpected"] == ["fc.weight"] and all(k.startswith("layer4.") for k in report["missing"])
+
+    bad = {"conv1.weight": torch.zeros(4, 3, 3, 3)}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="conv1.weight"):
+        load_initial_weights(Backbone(CFG), tmp_path / "bad.pt")
+
+
+def test_initial_weights_refuse_pickled_code(tmp_path):
+    torch.save({"x": SimpleNamespace(a=1)}, tmp_path / "evil.pth")
+    with pytest.raises(Exception):
+        load_initial_weights(Backbone(CFG), tmp_path / "evil.pth")
+
+
+def test_initial_weights_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _trained_like(Backbone(CFG))
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    bb = Backbone(CFG.model_copy(update={"weights": tmp_path / "w.safetensors"}))
+    for k, v in src.state_dict().items():
+        assert torch.equal(bb.state_dict()[k], v)
