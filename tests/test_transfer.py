@@ -15,18 +15,18 @@ TINY = BackboneConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64], "ste
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation, which is ruinous on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- probe core
-def _blobs(n_per, k, dim, rng, sep=5.0):
-    centers = rng.normal(0, sep, (k, dim))
-    x = np.concatenate([centers[c] + rng.normal(0, 1, (n_per, dim)) for c in range(k)])
-    y = np.repeat(np.arange(k), n_per)
-    return x.astype(np.float32), y
-
-
 def test_probe_separable_near_perfect():
     rng = np.random.default_rng(0)
-    tr, va, te = (_blobs(n, 4, 16, np.random.default_rng(s)) for n, s in ((40, 1), (10, 2), (20, 3)))
-    # the same class centres in every split: re-draw with one generator
     centers = rng.normal(0, 5, (4, 16))
 
     def split(n):
