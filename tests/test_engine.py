@@ -61,10 +61,10 @@ class FakeLoader:
 class Toy(nn.Module):
     """Shared trunk, head 'a' (cross-entropy), head 'b' (regression); dropout uses the RNG."""
 
-    def __init__(self, nan_at_index: int | None = None) -> None:
+    def __init__(self, nan_at_index: int | None = None, dropout: float = 0.1) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(0.1))
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(dropout))
         self.head_a = nn.Linear(16, 2)
         self.head_b = nn.Linear(16, 1)
         self.nan_at_index = nan_at_index
