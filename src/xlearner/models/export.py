@@ -8,6 +8,7 @@ metadata (arch, kwargs, out_indices) is enough to rebuild the backbone (``load_b
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -65,7 +66,9 @@ def save_backbone(path: str | Path, tensors: dict[str, Tensor], backbone_cfg: Ba
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": backbone_cfg.name, "kwargs": json.dumps(backbone_cfg.kwargs),
             "out_indices": json.dumps(list(backbone_cfg.out_indices))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: a reader never sees a half-written file
     return path
 
 
@@ -85,11 +88,12 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     return cfg, backbone
 
 
-def export_command(args) -> int:
-    """``xlearner export RUN_DIR --format timm|torchvision [--branch cls|det|seg] --out FILE``."""
+def export_run(run_dir: str | Path, out: str | Path | None = None, format: str = "timm",
+               branch: str | None = None) -> Path:
+    """Write the backbone of a run folder (the product of `xlearner train`) alone, under library key names."""
     from safetensors.torch import load_file
 
-    run_dir = Path(args.run_dir)
+    run_dir = Path(run_dir)
     run_json, weights = run_dir / "run.json", run_dir / "model.safetensors"
     for p in (run_json, weights):
         if not p.is_file():
@@ -97,7 +101,6 @@ def export_command(args) -> int:
     run = json.loads(run_json.read_text())
     stage, config = run.get("stage"), run.get("config", {})
     bcfg = BackboneConfig.model_validate({**config.get("backbone", {}), "weights": None})
-    branch = getattr(args, "branch", None)
     if stage == "expansion":
         branch = branch or "cls"
         prefix = f"backbones.{branch}."
@@ -109,16 +112,23 @@ def export_command(args) -> int:
     if stage == "expansion" and not any(k.startswith(prefix) for k in state):
         have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
         raise SystemExit(f"export: expansion run has no {branch!r} branch; branches: {have}")
-    fmt = getattr(args, "format", "timm") or "timm"
+    fmt = format or "timm"
     try:
         tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
     except ValueError as exc:
         raise SystemExit(f"export: {exc}") from None
     base = bcfg.name[3:] if bcfg.name.startswith("tv:") else bcfg.name
     out_cfg = bcfg.model_copy(update={"name": f"tv:{base}" if fmt == "torchvision" else base})
-    out = Path(args.out) if getattr(args, "out", None) else run_dir / f"backbone_{fmt}.safetensors"
+    out = Path(out) if out else run_dir / f"backbone_{fmt}.safetensors"
     save_backbone(out, tensors, out_cfg)
     params = sum(v.numel() for k, v in tensors.items() if v.is_floating_point() and "running_" not in k)
     print(f"wrote {out}: {len(tensors)} tensors, {params:,} parameters, {fmt} key names for {out_cfg.name} "
           f"(from the {stage} run's {prefix.rstrip('.')})")
+    return out
+
+
+def export_command(args) -> int:
+    """``xlearner export RUN_DIR --format timm|torchvision [--branch cls|det|seg] --out FILE``."""
+    export_run(args.run_dir, getattr(args, "out", None), getattr(args, "format", "timm"),
+               getattr(args, "branch", None))
     return 0
