@@ -118,8 +118,11 @@ def test_resume_continues_exactly(num_workers):
     resumed = make_loader(seed=1, num_workers=num_workers)
     resumed.load_state_dict(state)
     got = [next(resumed) for _ in range(more)]
-    resumed.close()
     assert all(same(r, g) for r, g in zip(ref[k:], got))
+    # rewinding a loader that is already running works too
+    resumed.load_state_dict({name: k + 1 for name in state})
+    assert same(next(resumed), ref[k + 1])
+    resumed.close()
 
 
 def test_deterministic_from_seed_and_independent_of_workers():
