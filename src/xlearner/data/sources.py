@@ -13,6 +13,7 @@ def open_source(cfg: SourceConfig, split: str = "train") -> Dataset:
         from xlearner.data.embedded import open_dataset  # lazy: fetch machinery is heavy
 
         ds = open_dataset(cfg.dataset, split, composer=cfg.composer)
+        ds.bad.policy = cfg.on_bad_sample  # embedded data is verified by sha256, but keep the contract
     else:
         from xlearner.data.readers import READERS
 
