@@ -205,3 +205,22 @@ def test_transfer_seeds_change_head_not_data(tiny):
 
     a = transfer_one(tiny.backbone, str(tiny.seg), tiny.cfg, seeds=[0, 0], show_progress=False)
     assert a["scores"][0] == pytest.approx(a["scores"][1])  # same seed, same result
+
+
+def test_transfer_from_run_folder_and_raw_weights(tiny, tmp_path):
+    """--backbone may be a `xlearner train` run folder (exported on the fly) or a bare weights file."""
+    from safetensors.torch import load_file, save_file
+
+    from xlearner.transfer.suite import transfer_one
+
+    state = load_file(str(tiny.backbone))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({f"backbone.{k}": v for k, v in state.items()}, str(run / "model.safetensors"))
+    (run / "run.json").write_text(json.dumps({"stage": "msmt", "config": tiny.cfg.to_dict()}))
+    a = transfer_one(run, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
+    raw = tmp_path / "raw.safetensors"
+    save_file(state, str(raw))  # no arch metadata: the config's backbone architecture is used
+    b = transfer_one(raw, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
+    c = transfer_one(tiny.backbone, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
+    assert a["scores"] == pytest.approx(c["scores"]) and b["scores"] == pytest.approx(c["scores"])

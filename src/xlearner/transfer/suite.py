@@ -59,15 +59,18 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
     except ImportError:
         export = None
     if path.is_dir():
-        if export is None or not hasattr(export, "export_command"):
+        if export is None or not hasattr(export, "export_run"):
             raise ConfigError(f"backbone {path} is a folder: export it first with `xlearner export {path} --out FILE`")
-        from types import SimpleNamespace
-
         tmp = Path(tempfile.mkdtemp()) / "backbone.safetensors"
-        export.export_command(SimpleNamespace(run_dir=str(path), format="timm", branch=None, out=str(tmp)))
+        export.export_run(path, tmp, format="timm")
         path = tmp
     if export is not None and hasattr(export, "load_backbone"):
-        return export.load_backbone(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            has_arch = "arch" in (f.metadata() or {})
+        if has_arch or cfg is None:
+            return export.load_backbone(path)
     from xlearner.models.backbone import Backbone
 
     if cfg is None:
@@ -170,6 +173,8 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
                 scores.append(r["mIoU"])
                 add("pixel_acc", r["pixel_acc"])
             add("final_loss", r.get("final_loss"))
+        if pristine is not None:
+            backbone.load_state_dict(pristine)  # a module passed in is left as it came
     mean, std = _mean_std(scores)
     return {
         "dataset": src.name, "task": task, "metric": METRIC[task], "mode": mode,
