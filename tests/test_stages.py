@@ -80,6 +80,15 @@ def _write_seg(root: Path, n: int) -> None:
         Image.fromarray(mask, mode="L").save(root / "masks" / f"{i}.png")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one intra-op thread is several times faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stage_data")
@@ -91,7 +100,7 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-STEPS = 15
+STEPS = 20
 BATCH = {"colors": 6, "few": 4, "shapes": 4, "regions": 4}
 
 
@@ -126,7 +135,7 @@ def tiny_config(root: Path, steps: int = STEPS, few: bool = False, **extra) -> R
         node = data
         *path, last = key.split(".")
         for p in path:
-            node = node[p]
+            node = node.setdefault(p, {})
         node[last] = value
     return RunConfig.model_validate(data)
 

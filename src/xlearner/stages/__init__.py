@@ -100,8 +100,10 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
     datasets.update(common.build_datasets(missing))
     datasets = {s.name: datasets[s.name] for s in sources}
     specs = common.source_specs(sources, datasets)
-    print(f"[{stage}] sources: " + ", ".join(f"{s.name} ({s.task}, {len(datasets[s.name])} images, "
-                                                f"{datasets[s.name].num_classes} classes)" for s in sources), flush=True)
+    if main:
+        print(f"[{stage}] sources: " + ", ".join(f"{s.name} ({s.task}, {len(datasets[s.name])} images, "
+                                                    f"{datasets[s.name].num_classes} classes)" for s in sources),
+              flush=True)
 
     torch.manual_seed(cfg.seed)
     module = build_stage_module(cfg, stage, specs, out_dir)
@@ -110,7 +112,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
     metrics: dict = {}
     steps = 0
     if stage == "scratch":
-        common.report_bad_records(datasets, sources)
+        common.report_bad_records(datasets, sources, verbose=main)
         fit_wall = 0.0
     else:
         from xlearner.engine.trainer import fit

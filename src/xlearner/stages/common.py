@@ -37,15 +37,16 @@ def build_datasets(sources: Sequence[SourceConfig], split: str = "train") -> dic
     return {s.name: build_source(s, split) for s in sources}
 
 
-def report_bad_records(datasets: dict, sources: Sequence[SourceConfig]) -> dict[str, int]:
-    """Print, per source, how many bad records were skipped while opening it."""
+def report_bad_records(datasets: dict, sources: Sequence[SourceConfig], verbose: bool = True) -> dict[str, int]:
+    """Print (if ``verbose``), per source, how many bad records were skipped while opening it."""
     counts = {}
     by_name = {s.name: s for s in sources}
     for name, ds in datasets.items():
         bad = getattr(ds, "bad", None)
         n = int(getattr(bad, "count", 0) or 0)
         counts[name] = n
-        print(f"source {name}: {n} bad records skipped (on_bad_sample: {by_name[name].on_bad_sample})", flush=True)
+        if verbose:
+            print(f"source {name}: {n} bad records skipped (on_bad_sample: {by_name[name].on_bad_sample})", flush=True)
     return counts
 
 
@@ -59,7 +60,7 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     if datasets is None:
         datasets = build_datasets(sources, "train")
     datasets = {s.name: datasets[s.name] for s in sources}
-    report_bad_records(datasets, sources)
+    report_bad_records(datasets, sources, verbose=rank == 0)
     batch_sizes = {s.name: s.batch_size for s in sources}
     transforms = {s.name: build_transform(s.task, cfg.size_of(s), True, cfg.augment.of(s.task)) for s in sources}
     tasks = {s.name: s.task for s in sources}
@@ -72,7 +73,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
             try:
                 val = build_source(s, "val")
             except Exception as exc:  # a source without a usable val split is reported, not fatal
-                print(f"source {s.name}: no validation split ({exc}); not validated", flush=True)
+                if rank == 0:
+                    print(f"source {s.name}: no validation split ({exc}); not validated", flush=True)
                 continue
             if len(val) == 0:
                 continue
