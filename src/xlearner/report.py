@@ -128,12 +128,15 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 if shared:
                     gains[t][m] = _mean([datasets[d]["methods"][ref]["mean"] - datasets[d]["methods"][m]["mean"]
                                          for d in shared])
-    per_dataset_gain = {}
+    per_dataset_gain: dict[str, dict[str, float]] = {}
+    per_dataset_gain_se: dict[str, dict[str, float]] = {}  # standard error of the difference of means
     if ref is not None:
         for d, v in datasets.items():
             if ref in v["methods"]:
-                per_dataset_gain[d] = {m: v["methods"][ref]["mean"] - e["mean"]
-                                       for m, e in v["methods"].items() if m != ref}
+                r = v["methods"][ref]
+                per_dataset_gain[d] = {m: r["mean"] - e["mean"] for m, e in v["methods"].items() if m != ref}
+                per_dataset_gain_se[d] = {m: math.sqrt(r["std"] ** 2 / max(1, r["n"]) + e["std"] ** 2 / max(1, e["n"]))
+                                          for m, e in v["methods"].items() if m != ref}
 
     # --- costs -------------------------------------------------------------------
     stage_costs: dict[str, dict[str, Any]] = {}
@@ -162,6 +165,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
 
     return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
             "per_task": per_task, "gains": gains, "per_dataset_gain": per_dataset_gain,
+            "per_dataset_gain_se": per_dataset_gain_se,
             "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
 
 
@@ -203,7 +207,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
     baselines = [m for m in methods if m != ref and any(m in g for g in gains.values())]
     if ref is not None and baselines and gains:
         tasks = list(gains)
-        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(tasks) * max(1, len(baselines)) / 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) * len(baselines) + 2), 3.8))
         w = 0.8 / len(baselines)
         x = np.arange(len(tasks))
         for i, m in enumerate(baselines):
@@ -216,7 +220,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, tasks)
         ax.set_ylabel(f"{ref} gain (points)")
-        ax.set_title(f"{ref} gain over each baseline, per task type")
+        ax.set_title(f"{ref} gain over each baseline, per task type", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "gains.png", dpi=120)
@@ -227,7 +231,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
     ds = res["datasets"]
     if ds:
         names = list(ds)
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.8))
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(names) + 1), 3.8))
         w = 0.8 / max(1, len(methods))
         x = np.arange(len(names))
         for i, m in enumerate(methods):
@@ -236,7 +240,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
             ax.bar(x + i * w - 0.4 + w / 2, means, w, yerr=stds, capsize=2, label=m)
         ax.set_xticks(x, [f"{d}\n({ds[d]['metric']})" for d in names], fontsize=7)
         ax.set_ylabel("score (points)")
-        ax.set_title("Transfer score per downstream dataset (mean ± std over seeds)")
+        ax.set_title("Transfer score per downstream dataset (mean ± std over seeds)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "scores.png", dpi=120)
@@ -264,7 +268,8 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
             if v["task"] == "det":
                 row.append(f"{e['AP50_mean']:.1f}" if "AP50_mean" in e else "-")
             if ref is not None and m != ref and d in res["per_dataset_gain"]:
-                row.append(_signed(res["per_dataset_gain"][d][m]))
+                se = res["per_dataset_gain_se"][d][m]
+                row.append(_signed(res["per_dataset_gain"][d][m]) + (f" (s.e. {se:.1f})" if se > 0 else ""))
             else:
                 row.append("")
             rows.append(row)
