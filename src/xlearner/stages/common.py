@@ -78,8 +78,23 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
                 continue
             if len(val) == 0:
                 continue
-            val_loaders[s.name] = eval_loader(val, s.task, cfg.size_of(s), s.batch_size)
+            val_loaders[s.name] = eval_loader(spread_subset(val, cfg.train.val_batches * s.batch_size),
+                                              s.task, cfg.size_of(s), s.batch_size)
     return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size)
+
+
+def spread_subset(dataset, n: int):
+    """At most ``n`` records evenly spread over ``dataset`` (deterministic).
+
+    Validation looks at ``train.val_batches`` batches only; the first batches of a split
+    stored in class order would hold a single class, so take records from all of it.
+    """
+    if len(dataset) <= n:
+        return dataset
+    from xlearner.data.sources import SubsetSource
+
+    idx = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
+    return SubsetSource(dataset, idx)
 
 
 def build_source(cfg: SourceConfig, split: str):
