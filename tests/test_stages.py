@@ -336,3 +336,24 @@ def test_export_reads_stage_outputs(expansion_run, squeeze_run, tmp_path):
     det = load_file(str(tmp_path / "det.safetensors"))
     assert sq.keys() == det.keys() and len(sq) > 0
     assert export is not None
+
+
+def test_squeeze_resumes_without_teacher_in_checkpoint(squeeze_run, expansion_run, data_root, tmp_path):
+    """The checkpoint holds the student and adapters only; a resumed squeeze run continues from it."""
+    import shutil
+
+    sq_dir, _, _ = squeeze_run
+    exp_dir, _, _ = expansion_run
+    ckpt = torch.load(sq_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model"] and not any(k.startswith("teacher") for k in ckpt["model"])
+    out = tmp_path / "squeeze"
+    shutil.copytree(sq_dir, out)
+    from xlearner.stages import train_stage
+
+    cfg = tiny_config(data_root, steps=STEPS + 3, **{"squeeze.teacher": str(exp_dir)})
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        info = train_stage(cfg, "squeeze", out, resume=True)
+    assert info["cost"]["steps"] == STEPS + 3
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in rows if "total" in r][-3:] == [STEPS + 1, STEPS + 2, STEPS + 3]

@@ -167,6 +167,9 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         print(f"[{stage}] done in {info['wall_s']:.1f}s: {steps} steps, {info['cost']['images_seen']} images, "
               f"{gflops:.2f} GFLOPs, backbone {backbone_params / 1e6:.2f}M params"
               + (f"; val {shown}" if shown else "") + f" -> {out_dir}", flush=True)
+    from xlearner.engine.distributed import barrier
+
+    barrier()  # other ranks may go on to a stage that reads these files (squeeze reads its teacher)
     return info
 
 
