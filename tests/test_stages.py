@@ -196,6 +196,7 @@ def test_expansion_trains_and_writes_outputs(expansion_run):
     # the bad record of the det source is counted and printed before training
     assert "source shapes: 1 bad records skipped (on_bad_sample: skip)" in printed
     assert "source colors: 0 bad records skipped" in printed
+    assert info["bad_records"] == {"colors": 0, "shapes": 1, "regions": 0}
 
 
 def test_expansion_flops_count_branches_run(expansion_run, data_root):

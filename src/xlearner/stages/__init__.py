@@ -154,6 +154,10 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
                  "gflops_per_image": {n: train_f[n] / 1e9 for n in train_f},
                  "teacher_gflops_per_image": {n: teacher_f[n] / 1e9 for n in teacher_f}},
         "metrics": metrics,
+        # records skipped under on_bad_sample: skip (when opening the source, and while decoding
+        # in this process; decode failures counted inside DataLoader workers are not seen here)
+        "bad_records": {s.name: int(getattr(getattr(datasets[s.name], "bad", None), "count", 0) or 0)
+                        for s in sources},
         "wall_s": round(time.time() - t0, 2),
         "fit_wall_s": round(fit_wall, 2),
         "status": "done",
