@@ -18,12 +18,12 @@ from xlearner.transfer.features import (infinite_indices, make_optimizer, precom
                                         train_loop)
 
 
-def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int):
+def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, num_convs: int = 4):
     from xlearner.models.heads import DetHead, FPNNeck
 
     torch.manual_seed(seed)
     neck = FPNNeck(list(backbone.channels), fpn_channels)
-    head = DetHead(fpn_channels, num_classes, list(backbone.strides))
+    head = DetHead(fpn_channels, num_classes, list(backbone.strides), num_convs=num_convs)
     return neck, head
 
 
@@ -35,13 +35,13 @@ def _freeze(backbone: nn.Module) -> None:
 
 def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
                  batch_size: int, seed: int, mode: str = "frozen", fpn_channels: int = 64, augment=None,
-                 cache: dict | None = None, show_progress: bool = True) -> dict[str, Any]:
+                 cache: dict | None = None, show_progress: bool = True, head_convs: int = 4) -> dict[str, Any]:
     """Train neck + DetHead, return {"mAP", "AP50", "final_loss"} on ``test_ds``.
 
     ``cache`` (frozen mode): a dict reused across seeds holding the precomputed train/test maps.
     """
     dev = next(backbone.parameters()).device
-    neck, head = build_det(backbone, num_classes, fpn_channels, seed)
+    neck, head = build_det(backbone, num_classes, fpn_channels, seed, head_convs)
     neck.to(dev), head.to(dev)
     neck.train(), head.train()
     image_size = (size, size)
