@@ -224,3 +224,42 @@ def test_transfer_from_run_folder_and_raw_weights(tiny, tmp_path):
     b = transfer_one(raw, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
     c = transfer_one(tiny.backbone, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
     assert a["scores"] == pytest.approx(c["scores"]) and b["scores"] == pytest.approx(c["scores"])
+
+
+# ----------------------------------------------------------------------------- BN adaptation
+class _Images(torch.utils.data.Dataset):
+    """Bright, offset images: far from whatever statistics a backbone carried before."""
+
+    def __init__(self, n=48):
+        g = torch.Generator().manual_seed(0)
+        self.images = (150 + torch.randint(0, 100, (n, 3, 32, 32), generator=g)).to(torch.uint8)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], {"label": 0}
+
+
+def test_adapt_batchnorm_matches_the_downstream_statistics():
+    from xlearner.models.backbone import Backbone
+    from xlearner.transfer.features import adapt_batchnorm
+
+    bb = Backbone(TINY).eval()
+    bn = bb.bn1 if hasattr(bb, "bn1") else next(m for m in bb.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.fill_(50.0)  # stale statistics, as after training on other sources
+    bn.running_var.fill_(9.0)
+    ds = _Images()
+    assert adapt_batchnorm(bb, ds, "cls", 32, batch_size=16, show_progress=False) > 0
+    assert not bb.training  # evaluation mode kept
+    seen = []
+    handle = bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    from xlearner.data.loader import eval_loader
+
+    with torch.no_grad():
+        for b in eval_loader(ds, "cls", 32, 16):
+            bb(b["images"])
+    handle.remove()
+    x = torch.cat(seen)  # what the BN layer normalises: its running statistics must now be those of x
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, x.var(dim=(0, 2, 3)), rtol=0.02, atol=1e-4)

@@ -199,6 +199,8 @@ class TransferConfig(_Strict):
     batch_size: int = 16
     image_size: int = 64
     max_train_samples: int | None = 2000
+    adapt_bn: bool = True
+    """Frozen/linear modes: re-estimate BatchNorm statistics on the downstream train images (AdaBN)."""
     det_head_convs: int = Field(4, ge=1)
     """Depth of the FCOS towers of the transfer detector (torchvision's default is 4)."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])

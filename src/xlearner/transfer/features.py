@@ -45,6 +45,31 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 64,
+                    show_progress: bool = True) -> int:
+    """Re-estimate BatchNorm running statistics on the downstream training images (AdaBN).
+
+    A backbone pretrained on several sources carries running statistics averaged over
+    whatever it saw last in training (e.g. scenes after digits), which can be far from any
+    single domain; a frozen evaluation would then measure that mismatch rather than the
+    features. Re-estimating them on the downstream *training* images (no labels, no
+    gradient, weights unchanged) gives every compared backbone the same, fair start.
+    Returns the number of BatchNorm layers adapted.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    from xlearner.data.loader import eval_loader
+
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+    if n_bn == 0:
+        return 0
+    loader = eval_loader(dataset, task, size, batch_size)
+    images = (b["images"] for b in progress(loader, total=len(loader), desc="adapt BN", enable=show_progress))
+    with torch.no_grad():
+        update_bn(images, backbone, device=_device_of(backbone))  # cumulative average, then eval mode kept as before
+    return n_bn
+
+
 def extract_pooled(backbone: nn.Module, dataset: Dataset, size: int, batch_size: int = 64,
                    show_progress: bool = True, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """Pooled last-stage features (N, C) and labels (N,) of a cls dataset, backbone frozen."""

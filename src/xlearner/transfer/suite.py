@@ -133,6 +133,10 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     test = build_source(src, "test")
     num_classes = int(getattr(train, "num_classes", None) or len(train.class_names))
     augment = cfg.augment.of(task)
+    if tc.adapt_bn and mode in ("linear", "frozen"):
+        from xlearner.transfer.features import adapt_batchnorm
+
+        adapt_batchnorm(backbone, train, task, size, max(tc.batch_size, 64), show_progress)
 
     scores: list[float] = []
     extra: dict[str, list] = {}
