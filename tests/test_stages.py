@@ -275,7 +275,21 @@ def test_squeeze_stage_module(expansion_run, data_root):
                    "targets": [{"boxes": torch.tensor([[2.0, 2.0, 14.0, 14.0]]), "labels": torch.tensor([1])}] * 2},
         "regions": {"images": torch.randn(2, 3, SIZE, SIZE), "masks": torch.randint(0, 3, (2, SIZE, SIZE))},
     }
+    stored = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
     losses = stage(batch)
+    # the teacher normalises with batch statistics, as in expansion training, and never changes the stored ones
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in stored.items())
+    x = batch["colors"]["images"]
+    with torch.no_grad():
+        in_eval = [f.clone() for f in teacher.branch_features(x, "cls")]
+        for m in teacher.modules():
+            m.train()
+        in_train = teacher.branch_features(x, "cls")
+        teacher.eval()
+        from xlearner.stages.squeeze import use_batch_statistics
+        use_batch_statistics(teacher)
+    assert [float((a - b).abs().max()) for a, b in zip(in_eval, in_train)] == [0.0] * len(in_eval)
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in stored.items())
     assert set(losses) == {"colors", "shapes", "regions", "kd/colors",
                            "distill/cls", "distill/det", "distill/seg"}
     sum(losses.values()).backward()

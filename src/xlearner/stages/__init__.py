@@ -42,7 +42,7 @@ def _flops_per_image(cfg: RunConfig, stage: str, module: torch.nn.Module, source
     from xlearner.stages.common import backbone_flops_per_image
 
     was = module.training
-    module.eval()  # batch of one: BatchNorm must not use batch statistics
+    module.eval()  # counting must not move the BatchNorm running statistics
     device = next(module.parameters()).device
     try:
         train_f = {s.name: backbone_flops_per_image(lambda x, t=s.task: module.run_backbone(x, t), cfg.size_of(s), device)

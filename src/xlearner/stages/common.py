@@ -240,9 +240,12 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def backbone_flops_per_image(run_backbone: Callable[[Tensor], object], size: int, device=None) -> int:
-    """Forward FLOPs of one image of side ``size`` through ``run_backbone``."""
-    x = torch.zeros(1, 3, size, size, device=device)
-    return count_flops(lambda: run_backbone(x))
+    """Forward FLOPs of one image of side ``size`` through ``run_backbone``.
+
+    Counted on a batch of two (a batch-statistics BatchNorm, like the squeeze teacher's,
+    cannot normalise a single 1x1 map) and halved."""
+    x = torch.randn(2, 3, size, size, device=device)
+    return count_flops(lambda: run_backbone(x)) // 2
 
 
 def training_gflops(flops_per_image: dict[str, int], images_seen: dict[str, int], *,

@@ -74,6 +74,20 @@ def load_teacher(run_dir: Path) -> tuple[nn.Module, RunConfig, list]:
     return net, tcfg, specs
 
 
+def use_batch_statistics(net: nn.Module) -> None:
+    """Let the frozen teacher normalise each batch with its own statistics, as in expansion training.
+
+    Every branch of the expanded model saw batches of several sources (digits, clothes,
+    scenes), so its running statistics are a blend that fits no single source; in eval mode
+    the teacher's features would then be degraded targets. Train-mode BatchNorm with
+    momentum 0 normalises with the batch statistics and never changes the stored ones.
+    """
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.momentum = 0.0
+
+
 def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
     """SharedNet of one backbone; backbone per ``squeeze.init``; necks/heads copied from the teacher."""
     from xlearner.models.backbone import Backbone
@@ -151,6 +165,7 @@ class SqueezeStage(nn.Module):
         }) if self.distill_weight > 0 and self.distill_stages else nn.ModuleDict()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, unsaved, not optimised
         teacher.eval()
+        use_batch_statistics(teacher)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) / .half() ... also move the (unregistered) teacher
