@@ -30,6 +30,10 @@ def test_quick_main_job_completes_then_skips_every_finished_part(tmp_path, embed
     for stage in ("expansion", "squeeze", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"):
         run = json.loads((out / stage / "run.json").read_text())
         assert run["status"] == "done" and (out / stage / "model.safetensors").is_file()
+        if stage != "scratch":  # every trained stage of the quick preset learns: its loss falls
+            totals = [json.loads(line)["total"] for line in (out / stage / "log.jsonl").read_text().splitlines()
+                      if '"total"' in line]
+            assert len(totals) >= 4 and totals[-1] < totals[0], (stage, totals)
     # every method was transferred to every downstream dataset, with real scores
     results = json.loads((out / "results.json").read_text())
     for method in METHODS:
