@@ -44,7 +44,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
 def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 64,
                     show_progress: bool = True) -> int:
     """Re-estimate BatchNorm running statistics on the downstream training images (AdaBN).
@@ -70,6 +69,7 @@ def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int,
     return n_bn
 
 
+@torch.no_grad()
 def extract_pooled(backbone: nn.Module, dataset: Dataset, size: int, batch_size: int = 64,
                    show_progress: bool = True, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """Pooled last-stage features (N, C) and labels (N,) of a cls dataset, backbone frozen."""
