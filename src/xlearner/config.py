@@ -199,6 +199,8 @@ class TransferConfig(_Strict):
     batch_size: int = 16
     image_size: int = 64
     max_train_samples: int | None = 2000
+    eval_split: Literal["test", "val"] = "test"
+    """Split scored: ``test`` for reports; ``val`` when tuning pretraining settings, so test stays untouched."""
     adapt_bn: bool = True
     """Frozen/linear modes: re-estimate BatchNorm statistics on the downstream train images (AdaBN)."""
     det_head_convs: int = Field(4, ge=1)

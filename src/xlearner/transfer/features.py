@@ -45,7 +45,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 64,
-                    show_progress: bool = True) -> int:
+                    show_progress: bool = True, max_images: int | None = 512) -> int:
     """Re-estimate BatchNorm running statistics on the downstream training images (AdaBN).
 
     A backbone pretrained on several sources carries running statistics averaged over
@@ -53,6 +53,7 @@ def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int,
     single domain; a frozen evaluation would then measure that mismatch rather than the
     features. Re-estimating them on the downstream *training* images (no labels, no
     gradient, weights unchanged) gives every compared backbone the same, fair start.
+    ``max_images`` (a fixed subset) bounds the cost: a few hundred images pin the statistics down.
     Returns the number of BatchNorm layers adapted.
     """
     from torch.optim.swa_utils import update_bn
@@ -62,7 +63,7 @@ def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int,
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
     if n_bn == 0:
         return 0
-    loader = eval_loader(dataset, task, size, batch_size)
+    loader = eval_loader(subset(dataset, max_images, seed=0), task, size, batch_size)
     images = (b["images"] for b in progress(loader, total=len(loader), desc="adapt BN", enable=show_progress))
     with torch.no_grad():
         update_bn(images, backbone, device=_device_of(backbone))  # cumulative average, then eval mode kept as before

@@ -130,7 +130,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     n_params = int(sum(p.numel() for p in backbone.parameters()))
 
     train = subset(build_source(src, "train"), tc.max_train_samples, seed=src.split_seed)
-    test = build_source(src, "test")
+    test = build_source(src, tc.eval_split)  # "val" only while tuning: test is touched once
     num_classes = int(getattr(train, "num_classes", None) or len(train.class_names))
     augment = cfg.augment.of(task)
     if tc.adapt_bn and mode in ("linear", "frozen"):
@@ -196,7 +196,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
         "seeds": seed_list, "scores": scores, "mean": mean, "std": std, "extra": extra,
         "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
         "backbone_params": n_params, "num_train": len(train), "num_test": len(test),
-        "image_size": size, "steps": tc.steps if mode != "linear" else None,
+        "image_size": size, "steps": tc.steps if mode != "linear" else None, "eval_split": tc.eval_split,
         "wall_s": round(time.time() - t0, 2),
     }
 
