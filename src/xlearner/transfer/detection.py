@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from xlearner.metrics import coco_map
-from xlearner.transfer.features import (infinite_indices, make_optimizer, precompute_maps, progress,
-                                        train_loop)
+from xlearner.transfer.features import (finetune_end_to_end, freeze, infinite_indices, precompute_maps,
+                                        progress, train_head)
 
 
 def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, num_convs: int = 4):
@@ -25,12 +25,6 @@ def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: in
     neck = FPNNeck(list(backbone.channels), fpn_channels)
     head = DetHead(fpn_channels, num_classes, list(backbone.strides), num_convs=num_convs)
     return neck, head
-
-
-def _freeze(backbone: nn.Module) -> None:
-    backbone.eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
 
 
 def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
@@ -48,7 +42,7 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
     bs = max(1, min(batch_size, len(train_ds)))
 
     if mode == "frozen":
-        _freeze(backbone)
+        freeze(backbone)
         cache = cache if cache is not None else {}
         if "train" not in cache:
             cache["train"] = precompute_maps(backbone, train_ds, "det", size, show_progress=show_progress,
@@ -60,34 +54,17 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
             idx = next(order)
             feats = [m[idx].to(dev, torch.float32) for m in maps]
             tg = [{k: v.to(dev) for k, v in targets[int(i)].items()} for i in idx]
-            losses = head.losses(neck(feats), image_size, tg)
-            return sum(losses.values())
+            return sum(head.losses(neck(feats), image_size, tg).values())
 
-        params = list(neck.parameters()) + list(head.parameters())
-        opt = make_optimizer([{"params": params, "lr": lr}])
-        losses = train_loop(step, params, opt, steps, show_progress=show_progress, desc="det head")
+        losses = train_head(step, neck, head, lr=lr, steps=steps, show_progress=show_progress, desc="det head")
     elif mode == "finetune":
-        from xlearner.data.loader import MultiSourceLoader
-        from xlearner.data.transforms import build_transform
-
-        for p in backbone.parameters():
-            p.requires_grad_(True)
-        backbone.train()
-        loader = MultiSourceLoader({"ds": train_ds}, {"ds": bs},
-                                   {"ds": build_transform("det", size, train=True, augment=augment)},
-                                   {"ds": "det"}, seed=seed)
-
-        def step(_):
-            b = next(loader)["ds"]
+        def batch_loss(b):
             tg = [{k: v.to(dev) for k, v in t.items()} for t in b["targets"]]
-            losses = head.losses(neck(backbone(b["images"].to(dev))), image_size, tg)
-            return sum(losses.values())
+            return sum(head.losses(neck(backbone(b["images"].to(dev))), image_size, tg).values())
 
-        hp = list(neck.parameters()) + list(head.parameters())
-        opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
-        losses = train_loop(step, list(backbone.parameters()) + hp, opt, steps, show_progress=show_progress,
-                            desc="det finetune")
-        loader.close()
+        losses = finetune_end_to_end(batch_loss, backbone, neck, head, train_ds, "det", size=size, batch_size=bs,
+                                     seed=seed, lr=lr, steps=steps, augment=augment,
+                                     show_progress=show_progress, desc="det finetune")
     else:
         raise ValueError(f"det transfer mode must be frozen or finetune, got {mode!r}")
 

@@ -155,6 +155,43 @@ def train_loop(step_fn: Callable[[int], Tensor], params: list[nn.Parameter], opt
     return losses
 
 
+def freeze(backbone: nn.Module) -> None:
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+
+
+def train_head(step_fn: Callable[[int], Tensor], neck: nn.Module, head: nn.Module, *, lr: float, steps: int,
+               show_progress: bool = True, desc: str = "head") -> list[float]:
+    """Frozen mode: only the neck and head learn."""
+    params = list(neck.parameters()) + list(head.parameters())
+    opt = make_optimizer([{"params": params, "lr": lr}])
+    return train_loop(step_fn, params, opt, steps, show_progress=show_progress, desc=desc)
+
+
+def finetune_end_to_end(batch_loss: Callable[[dict], Tensor], backbone: nn.Module, neck: nn.Module,
+                        head: nn.Module, train_ds, task: str, *, size: int, batch_size: int, seed: int,
+                        lr: float, steps: int, augment=None, show_progress: bool = True,
+                        desc: str = "finetune") -> list[float]:
+    """Fine-tune mode: backbone (lr/10) + neck + head on augmented batches; ``batch_loss(batch)``."""
+    from xlearner.data.loader import MultiSourceLoader
+    from xlearner.data.transforms import build_transform
+
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    backbone.train()
+    loader = MultiSourceLoader({"ds": train_ds}, {"ds": batch_size},
+                               {"ds": build_transform(task, size, train=True, augment=augment)},
+                               {"ds": task}, seed=seed)
+    hp = list(neck.parameters()) + list(head.parameters())
+    opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
+    try:
+        return train_loop(lambda _: batch_loss(next(loader)["ds"]), list(backbone.parameters()) + hp, opt,
+                          steps, show_progress=show_progress, desc=desc)
+    finally:
+        loader.close()
+
+
 def infinite_indices(n: int, batch_size: int, seed: int):
     """Batches of indices from a fresh seeded permutation per pass (the data order of a seed)."""
     g = torch.Generator().manual_seed(int(seed))

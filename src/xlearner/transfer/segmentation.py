@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlearner.metrics import ConfusionMatrix
-from xlearner.transfer.features import (infinite_indices, make_optimizer, precompute_maps, progress,
-                                        train_loop)
+from xlearner.transfer.features import (finetune_end_to_end, freeze, infinite_indices, precompute_maps,
+                                        progress, train_head)
 
 
 def build_seg(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int):
@@ -41,9 +41,7 @@ def transfer_seg(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
         return F.cross_entropy(logits, masks, ignore_index=255)
 
     if mode == "frozen":
-        backbone.eval()
-        for p in backbone.parameters():
-            p.requires_grad_(False)
+        freeze(backbone)
         cache = cache if cache is not None else {}
         if "train" not in cache:
             maps, masks = precompute_maps(backbone, train_ds, "seg", size, show_progress=show_progress,
@@ -57,29 +55,14 @@ def transfer_seg(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
             feats = [m[idx].to(dev, torch.float32) for m in maps]
             return seg_loss(head(neck(feats), image_size), masks[idx].to(dev))
 
-        params = list(neck.parameters()) + list(head.parameters())
-        opt = make_optimizer([{"params": params, "lr": lr}])
-        losses = train_loop(step, params, opt, steps, show_progress=show_progress, desc="seg head")
+        losses = train_head(step, neck, head, lr=lr, steps=steps, show_progress=show_progress, desc="seg head")
     elif mode == "finetune":
-        from xlearner.data.loader import MultiSourceLoader
-        from xlearner.data.transforms import build_transform
-
-        for p in backbone.parameters():
-            p.requires_grad_(True)
-        backbone.train()
-        loader = MultiSourceLoader({"ds": train_ds}, {"ds": bs},
-                                   {"ds": build_transform("seg", size, train=True, augment=augment)},
-                                   {"ds": "seg"}, seed=seed)
-
-        def step(_):
-            b = next(loader)["ds"]
+        def batch_loss(b):
             return seg_loss(head(neck(backbone(b["images"].to(dev))), image_size), b["masks"].to(dev))
 
-        hp = list(neck.parameters()) + list(head.parameters())
-        opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
-        losses = train_loop(step, list(backbone.parameters()) + hp, opt, steps, show_progress=show_progress,
-                            desc="seg finetune")
-        loader.close()
+        losses = finetune_end_to_end(batch_loss, backbone, neck, head, train_ds, "seg", size=size, batch_size=bs,
+                                     seed=seed, lr=lr, steps=steps, augment=augment,
+                                     show_progress=show_progress, desc="seg finetune")
     else:
         raise ValueError(f"seg transfer mode must be frozen or finetune, got {mode!r}")
 
