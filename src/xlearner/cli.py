@@ -137,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(exc, debug)
 
 
+def _own_message(exc: BaseException) -> str:
+    """The error's message, without the worker traceback a DataLoader adds when it re-raises an
+    error met in a worker process ("Caught X in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(exc) or type(exc).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(exc).__name__}: "  # the traceback's last line: "module.Class: message"
+        k = text.rfind(marker)
+        if k >= 0:
+            text = text[k + len(marker):].rstrip()
+    return text
+
+
 def report_error(exc: BaseException, debug: bool = False) -> int:
     """Print one ``xlearner: ...`` message for ``exc`` (the traceback too under ``debug``); return its exit status."""
     code = exit_code(exc)
@@ -148,7 +160,7 @@ def report_error(exc: BaseException, debug: bool = False) -> int:
         msg = (f"internal error: {type(exc).__name__}: {exc} "
                f"({'traceback above' if debug else 'rerun with --debug for the traceback'}; please report it)")
     else:
-        msg = str(exc) or type(exc).__name__
+        msg = _own_message(exc)
     log = getattr(exc, "xlearner_log", None)  # set where a run folder keeps the traceback
     if log and not debug:
         msg += f"\n  (traceback in {log})"

@@ -212,4 +212,5 @@ def train_stage_command(args) -> int:
                 (out / "error.log").write_text("".join(traceback.format_exception(exc)))
                 exc.xlearner_log = str(out / "error.log")
         raise
+    (out / "error.log").unlink(missing_ok=True)  # a resumed run that finished: the old error is history
     return 0
