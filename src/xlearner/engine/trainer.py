@@ -374,12 +374,14 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
             due_val = evaluate is not None and (is_last or (cfg.val_every > 0 and step % cfg.val_every == 0))
             if due_log or due_ckpt or due_val:
                 flush()
-            if due_ckpt:
-                save(step)
+            # log and validation lines first, checkpoint last: a run killed in between resumes from the
+            # previous checkpoint and writes those lines again, so the log never lacks a checkpointed step
             if due_log:
                 write_log(step)
             if due_val:
                 run_eval(step)
+            if due_ckpt:
+                save(step)
         flush()
         t_end = time.perf_counter()
         if step == start_step:  # nothing left to train (resumed a finished run)
