@@ -276,7 +276,7 @@ def bad_input_table() -> int:
         cells = [case.name, check]
         for policy in ("error", "skip"):
             cfg = d / f"{policy}.yaml"
-            cfg.write_text(yaml.safe_dump(fc.run_config(case.source, policy, steps=2,
+            cfg.write_text(yaml.safe_dump(fc.run_config(case.source, policy, steps=4,  # 8 samples: every record
                                                         **{"train.num_workers": 1})))
             cells.append(summary(*run("train", cfg, "--stage", "msmt", "--out", d / f"run_{policy}")))
         rows.append(cells)
