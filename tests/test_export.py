@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from xlearner.config import BackboneConfig
+from xlearner.config import BackboneConfig, ConfigError
 from xlearner.models import Backbone, ExpandedNet, SharedNet, SourceSpec, TaskHeads
 from xlearner.models.backbone import load_initial_weights
 from xlearner.models.export import export_backbone_state, export_command, load_backbone, save_backbone
@@ -87,7 +87,7 @@ def test_export_command_expansion_branch(tmp_path, capsys):
     x = _x()
     net.eval()
     assert torch.allclose(rebuilt.eval()(x)[-1], net.backbones["seg"](x)[-1], atol=1e-6)
-    with pytest.raises(SystemExit, match="branch"):
+    with pytest.raises(ConfigError, match="branch"):
         export_command(SimpleNamespace(run_dir=str(tmp_path), format="timm", branch="det", out=str(out)))
 
 
@@ -96,11 +96,14 @@ def test_initial_weights_pth_report(tmp_path, capsys):
     state = {f"module.backbone.{k}": v for k, v in src.state_dict().items() if not k.startswith("layer4.")}
     state["fc.weight"] = torch.zeros(3, 64)
     torch.save(state, tmp_path / "w.pth")
-    bb = Backbone(CFG.model_copy(update={"weights": tmp_path / "w.pth"}))
+    with pytest.raises(ValueError, match=r"w\.pth: \d+ of the \d+ keys of backbone resnet18 are missing.*layer4\."
+                                         r".*weights_partial=true"):
+        Backbone(CFG.model_copy(update={"weights": tmp_path / "w.pth"}))
+    bb = Backbone(CFG.model_copy(update={"weights": tmp_path / "w.pth", "weights_partial": True}))
     out = capsys.readouterr().out
     assert "unexpected" in out and "fc.weight" in out and "layer4." in out
     assert torch.equal(bb.conv1.weight, src.conv1.weight)
-    report = load_initial_weights(Backbone(CFG), tmp_path / "w.pth")
+    report = load_initial_weights(Backbone(CFG), tmp_path / "w.pth", partial=True)
     assert report["unexpected"] == ["fc.weight"] and all(k.startswith("layer4.") for k in report["missing"])
 
     bad = {"conv1.weight": torch.zeros(4, 3, 3, 3)}

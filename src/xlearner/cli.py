@@ -1,10 +1,47 @@
-"""The `xlearner` command: one place that lists every command and hands over to the module doing the work."""
+"""The `xlearner` command: one place that lists every command and hands over to the module doing the work.
+
+It is also the only place that turns errors into exit codes (``EXIT_CODES``): an error a user
+can fix is printed as one ``xlearner: ...`` message (what, where, the fix), without a
+traceback; ``--debug`` prints the traceback too.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
-from xlearner.config import ConfigError
+# exit status, the error classes it stands for (matched by name along the exception's MRO, so
+# this module imports nothing heavy), and its meaning for the --help text and the README
+EXIT_CODES: list[tuple[int, tuple[str, ...], str]] = [
+    (0, (), "success"),
+    (1, (), "unexpected internal error (a bug: rerun with --debug and report the traceback)"),
+    (2, ("ConfigError",), "usage or configuration error: unknown key, wrong type, missing path, "
+                          "malformed YAML"),
+    (3, ("BadSampleError",), "bad data: a record that cannot be used under on_bad_sample: error, "
+                             "or `data check` found problems"),
+    (4, ("WeightsError", "CheckpointReadError"), "weights file or checkpoint refused or unusable: not "
+                                                 "weights-only, no matching keys, damaged"),
+    (5, ("NonFiniteLossError",), "training diverged (NaN/inf loss); the last good checkpoint is kept"),
+    (6, ("OSError",), "a file could not be written or read (disk full, permission); the previous "
+                      "checkpoint is intact"),
+    (7, ("EmbeddedDataError",), "an embedded dataset could not be fetched or verified"),
+    (130, ("KeyboardInterrupt",), "interrupted; continue a training run with --resume"),
+]
+_CODE_OF = {name: code for code, names, _ in EXIT_CODES for name in names}
+EXIT_DATA_PROBLEMS = 3
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status of an error: that of the first class in its MRO listed in EXIT_CODES, else 1."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _CODE_OF:
+            return _CODE_OF[cls.__name__]
+    return 1
+
+
+def _epilog() -> str:
+    return "exit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, _, text in EXIT_CODES)
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -17,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xlearner",
         description="X-Learner: pretrain one universal backbone across sources and tasks "
                     "(expansion + squeeze) and measure it by transfer.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the Python traceback too (also: XLEARNER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # --- data -----------------------------------------------------------------------
@@ -34,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("-n", "--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p = dsub.add_parser("check", help="read every record of a source YAML and report each problem (exit 1 if any)")
+    p = dsub.add_parser("check", help="read every record of a source YAML and report each problem "
+                                      f"(exit {EXIT_DATA_PROBLEMS} if any)")
     p.add_argument("source_yaml", help="YAML file with one source (same schema as an item of `sources`)")
 
     # --- training ---------------------------------------------------------------------
@@ -81,16 +122,50 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options (`train quick --stage msmt train.steps=5`), which argparse
     # does not hand to a nargs="*" positional: collect the leftover key=value words ourselves
     args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the command
+        extra = [e for e in extra if e != "--debug"]
+        args.debug = True
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("XLEARNER_DEBUG", "") not in ("", "0")
     try:
         return int(_dispatch(args) or 0)
-    except ConfigError as exc:
-        print(f"xlearner: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        return report_error(exc, debug)
+
+
+def _own_message(exc: BaseException) -> str:
+    """The error's message, without the worker traceback a DataLoader adds when it re-raises an
+    error met in a worker process ("Caught X in DataLoader worker process 0. Original Traceback ...")."""
+    text = str(exc) or type(exc).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(exc).__name__}: "  # the traceback's last line: "module.Class: message"
+        k = text.rfind(marker)
+        if k >= 0:
+            text = text[k + len(marker):].rstrip()
+    return text
+
+
+def report_error(exc: BaseException, debug: bool = False) -> int:
+    """Print one ``xlearner: ...`` message for ``exc`` (the traceback too under ``debug``); return its exit status."""
+    code = exit_code(exc)
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, KeyboardInterrupt):
+        msg = "interrupted"
+    elif code == 1:
+        msg = (f"internal error: {type(exc).__name__}: {exc} "
+               f"({'traceback above' if debug else 'rerun with --debug for the traceback'}; please report it)")
+    else:
+        msg = _own_message(exc)
+    log = getattr(exc, "xlearner_log", None)  # set where a run folder keeps the traceback
+    if log and not debug:
+        msg += f"\n  (traceback in {log})"
+    print(f"xlearner: {msg}", file=sys.stderr)
+    return code
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:

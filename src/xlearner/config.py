@@ -40,6 +40,9 @@ class BackboneConfig(_Strict):
     """Feature stages returned (C2..C5 for a ResNet)."""
     weights: Path | None = None
     """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True."""
+    weights_partial: bool = False
+    """Accept a weights file that lacks some backbone keys (they keep their random init); by default a
+    missing key is an error, so a wrong file never leaves a silently random backbone."""
 
 
 class ComposerConfig(_Strict):
@@ -279,7 +282,11 @@ def preset_path(name: str) -> Path:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override value {text!r} is not valid YAML ({str(exc).splitlines()[0]}); "
+                          f"quote it or fix the brackets") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], origin: str = "command line") -> dict[str, Any]:
@@ -452,11 +459,17 @@ def load_source_config(path: str | Path, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"source file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if isinstance(data, dict) and "sources" in data:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"source file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"source file {path} must hold a mapping (name, task, format, ...) at the top level")
+    if "sources" in data:
         srcs = data["sources"]
-        if len(srcs) != 1:
-            raise ConfigError(f"{path} holds {len(srcs)} sources; give a file with exactly one")
+        if not isinstance(srcs, list) or len(srcs) != 1:
+            n = len(srcs) if isinstance(srcs, list) else "no list of"
+            raise ConfigError(f"{path} holds {n} sources; give a file with exactly one")
         data = srcs[0]
     wrapper = {"sources": [data]}
     _resolve_paths(wrapper, path.parent)

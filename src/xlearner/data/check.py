@@ -28,6 +28,12 @@ def check_source(cfg: SourceConfig, echo: Callable[[str], None] = print) -> int:
         echo(f"PROBLEM {text}")
 
     for split in SPLITS:
+        if split != "train" and cfg.format != "embedded" and cfg.val_fraction == 0:
+            from xlearner.data.readers import split_paths
+
+            if not split_paths(cfg, split)[1]:  # no such split declared: nothing to check, not a problem
+                echo(f"[{split}] no {split} split (val_fraction: 0 and no {split}_* paths)")
+                continue
         try:
             ds = open_source(lenient, split)
         except (BadSampleError, ConfigError, OSError, ValueError, KeyError) as exc:

@@ -2,29 +2,27 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 def main(args: argparse.Namespace) -> int:
     from xlearner.data import embedded
 
-    try:
-        if args.data_command == "fetch":
-            embedded.fetch(args.names or None, force=args.force)
-            return 0
-        if args.data_command == "list":
-            print(format_table(embedded.list_rows(fetch_missing=not args.no_fetch)))
-            return 0
-        if args.data_command == "show":
-            return _show(args)
-        if args.data_command == "check":
-            from xlearner.data.check import check_source_file
-            problems = check_source_file(args.source_yaml)
-            return 1 if problems else 0
-    except embedded.EmbeddedDataError as exc:
-        print(f"xlearner: {exc}", file=sys.stderr)
-        return 1
+    # errors (EmbeddedDataError, ConfigError, ...) go up to cli.main, which prints them and
+    # picks the exit status
+    if args.data_command == "fetch":
+        embedded.fetch(args.names or None, force=args.force)
+        return 0
+    if args.data_command == "list":
+        print(format_table(embedded.list_rows(fetch_missing=not args.no_fetch)))
+        return 0
+    if args.data_command == "show":
+        return _show(args)
+    if args.data_command == "check":
+        from xlearner.cli import EXIT_DATA_PROBLEMS
+        from xlearner.data.check import check_source_file
+        problems = check_source_file(args.source_yaml)
+        return EXIT_DATA_PROBLEMS if problems else 0
     raise AssertionError(args.data_command)
 
 

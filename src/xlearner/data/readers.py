@@ -43,11 +43,36 @@ SPLITS = ("train", "val", "test")
 # decoding
 
 
+_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of any PIL image.
+
+    ``convert("RGB")`` clips 16-bit and 32-bit grey images to 255 (a 0..65535 ramp turns almost all
+    white), so those are scaled first: 16-bit integers by ``>> 8`` (torchvision's uint16 -> uint8
+    rule: the same value always maps to the same grey, whatever the image), 32-bit integers the same
+    when they fit 16 bits, otherwise (and float images) from the image's own min..max. Grey, palette,
+    RGBA and CMYK images go through PIL's conversion; 16-bit RGB PNGs are already reduced by PIL.
+    """
+    if im.mode in _MODES_16BIT or im.mode in ("I", "F"):
+        a = np.asarray(im)
+        if im.mode != "F" and a.size and a.min() >= 0 and a.max() <= 65535:
+            grey = (a.astype(np.uint32) >> 8).astype(np.uint8)
+        else:
+            a = a.astype(np.float64)
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+            grey = np.nan_to_num((a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a))
+            grey = np.clip(np.round(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def decode_image(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W); grey, palette and RGBA images are converted to RGB."""
+    """uint8 (3, H, W); grey, palette, RGBA, CMYK and 16-bit images are converted to RGB (see ``_to_rgb8``)."""
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = _to_rgb8(im)
     except FileNotFoundError:
         raise BadSampleError(f"{path}: image file is missing (restore it or remove its record)") from None
     except Exception as exc:  # PIL raises many types for truncated/corrupt files
@@ -62,7 +87,7 @@ def decode_mask(path: Path) -> torch.Tensor:
     """int64 (H, W) of class indices from a single-channel (L, P, I) PNG."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
+            if im.mode not in ("L", "P", "I", "1") + _MODES_16BIT:  # 16-bit label PNGs keep their values
                 raise BadSampleError(
                     f"{path}: mask has mode {im.mode}; masks must be single-channel PNGs holding "
                     f"class indices (mode L or P), 255 = ignore"
@@ -141,13 +166,13 @@ class RecordSource(Dataset):
             keep = held if split != "train" else set(range(len(records))) - held
             records = [r for i, r in enumerate(records) if i in keep]
         self.records: list[Record] = []
-        self._undecodable: set[int] = set()
         for r in records:
             if r.problems:
                 for p in r.problems:
                     self.bad.report(p)
             else:
                 self.records.append(r)
+        self.bad.track(len(self.records))  # decode failures, counted across DataLoader workers
         if not self.records:
             where = ", ".join(f"{k}={v}" for k, v in paths.items() if v is not None)
             hint = ("set val_fraction > 0 or give val_root/val_annotations"
@@ -189,7 +214,7 @@ class RecordSource(Dataset):
         if self.task == "cls":
             return image, {"label": int(r.target["label"])}
         if self.task == "det":
-            return image, {"boxes": r.target["boxes"].clone(), "labels": r.target["labels"].clone()}
+            return image, {"boxes": boxes_within(r, image), "labels": r.target["labels"].clone()}
         mask = decode_mask(r.mask)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
@@ -205,19 +230,19 @@ class RecordSource(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         """Under skip, a record that fails to decode is counted once and the next valid one is returned.
 
-        (Counts made inside DataLoader worker processes stay in those workers; `xlearner data
-        check` decodes every record up front and reports them all.)
+        The count is kept in shared memory (``BadSampleLog.track``), so records skipped inside
+        DataLoader worker processes reach the main process; `xlearner data check` decodes every
+        record up front and reports them all.
         """
         n = len(self.records)
         for k in range(n):
             j = (i + k) % n
-            if j in self._undecodable:
+            if self.bad.is_failed(j):
                 continue
             try:
                 return self.load(j)
             except BadSampleError as exc:
-                self.bad.report(str(exc))  # raises under 'error'
-                self._undecodable.add(j)
+                self.bad.report_record(j, str(exc))  # raises under 'error'
         raise BadSampleError(f"source '{self.name}': no record of split '{self.split}' can be decoded")
 
     def __repr__(self) -> str:
@@ -344,6 +369,26 @@ def _check_box(box: list[float], w: float | None, h: float | None, where: str) -
         if x2 <= x1 or y2 <= y1:
             return None, f"{where}: box {box} has no area inside the {w:g}x{h:g} image; fix or delete it"
     return [x1, y1, x2, y2], None
+
+
+def boxes_within(r: Record, image: torch.Tensor) -> torch.Tensor:
+    """The record's boxes checked against the DECODED image size and clipped to it.
+
+    Annotations may lack the image size (COCO without width/height) or state a wrong one; a box
+    outside the decoded image (beyond ``BOX_TOLERANCE``) raises BadSampleError naming the record.
+    """
+    boxes = r.target["boxes"].clone()
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    t = BOX_TOLERANCE
+    outside = ((boxes[:, 0] < -t) | (boxes[:, 1] < -t) | (boxes[:, 2] > w + t) | (boxes[:, 3] > h + t)
+               | (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0))  # no area inside
+    if bool(outside.any()):
+        b = [round(v, 2) for v in boxes[int(outside.nonzero()[0, 0])].tolist()]
+        raise BadSampleError(f"{r.where}: box {b} (x1,y1,x2,y2) lies outside the decoded {w}x{h} image "
+                             f"{r.image}; fix the box (or the image size) or delete it")
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return boxes
 
 
 def _det_target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.Tensor]:

@@ -20,11 +20,27 @@ class BadSampleError(ValueError):
 
 @dataclass
 class BadSampleLog:
-    """Collects records skipped under ``on_bad_sample: skip`` so training can print the count."""
+    """Collects records skipped under ``on_bad_sample: skip`` so training can print the count.
+
+    Records that fail to decode are met wherever a sample is read, often in a DataLoader worker
+    process whose copy of this log the main process never sees. So after :meth:`track` each record
+    has a flag in shared memory, set by whichever process failed to decode it: ``count`` in the main
+    process includes the workers' skips (each record once), and a worker that meets a record
+    another one flagged skips it without decoding it again.
+    """
 
     source: str
     policy: str = "error"
     skipped: list[str] = field(default_factory=list)
+    """Messages of the records skipped in this process (opening the source, and decoding here)."""
+    failed: torch.Tensor | None = None
+    """uint8 flag per record, in shared memory: 1 once any process failed to decode the record."""
+    _local: set = field(default_factory=set)
+
+    def track(self, n: int) -> None:
+        """Give the ``n`` records of the source shared-memory decode-failure flags."""
+        self.failed = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        self._local = set()
 
     def report(self, message: str) -> None:
         """Raise under the 'error' policy; record and go on under 'skip'."""
@@ -35,9 +51,27 @@ class BadSampleLog:
             )
         self.skipped.append(message)
 
+    def report_record(self, index: int, message: str) -> None:
+        """A tracked record failed to decode: raise under 'error'; under 'skip' flag it (once) and go on."""
+        if index in self._local and self.policy != "error":
+            return
+        self.report(message)  # raises under 'error'
+        if self.failed is not None:
+            self._local.add(index)
+            self.failed[index] = 1
+
+    def is_failed(self, index: int) -> bool:
+        return self.failed is not None and bool(self.failed[index])
+
+    def failed_indices(self) -> list[int]:
+        """Records flagged by any process (DataLoader workers included)."""
+        return [] if self.failed is None else self.failed.nonzero().flatten().tolist()
+
     @property
     def count(self) -> int:
-        return len(self.skipped)
+        """Records skipped so far, by this process and by any worker that shares the flags."""
+        elsewhere = 0 if self.failed is None else int(self.failed.sum()) - len(self._local)
+        return len(self.skipped) + elsewhere
 
 
 def check_image(image: torch.Tensor, where: str) -> None:

@@ -6,11 +6,16 @@ converted (python's ``random`` state to a list, numpy's to a tensor + ints).
 
 Writes are atomic: the file is written to a temporary name in the same folder,
 flushed and fsynced, then ``os.replace``d over the old one. A crash mid-write leaves
-the previous checkpoint intact.
+the previous checkpoint intact, plus a temporary file that the next start or resume of the
+run removes (:func:`remove_stale_temp_files`). A write that fails (disk full, permission)
+raises :class:`CheckpointWriteError`, which names the checkpoint and says whether an
+earlier one is intact.
 """
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
 import tempfile
 from contextlib import suppress
@@ -23,6 +28,31 @@ import torch
 LAST = "last.pt"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space left, no permission); the previous one is intact."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint could not be read back (truncated, not a checkpoint, or not weights-only)."""
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed run left in ``out_dir`` (``checkpoints/.last.pt.*.tmp``
+    and the ``.<name>.tmp<pid>`` files of its outputs); return what was removed.
+
+    Call it only where no other process writes into the same run folder (rank 0, at start).
+    """
+    out_dir = Path(out_dir)
+    found = list((out_dir / "checkpoints").glob(f".{LAST}.*.tmp")) + list(out_dir.glob(".*.tmp*"))
+    removed = []
+    for p in found:
+        if p.is_file():
+            with suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def checkpoint_path(out_dir: str | os.PathLike) -> Path:
     """Where ``fit`` keeps the resumable checkpoint of a run folder."""
     return Path(out_dir) / "checkpoints" / LAST
@@ -31,17 +61,36 @@ def checkpoint_path(out_dir: str | os.PathLike) -> Path:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            w = _Writer(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:  # torch hides the OSError behind "unexpected pos ..."
+                    raise w.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            intact = (f"the previous checkpoint {path} is intact" if path.is_file()
+                      else "no earlier checkpoint exists")
+            code = getattr(exc, "errno", None)
+            why = os.strerror(code) if code else str(exc)
+            fix = "free disk space" if code == errno.ENOSPC else "fix the folder's space or permissions"
+            err = CheckpointWriteError(
+                f"cannot write checkpoint {path} ({why}); {intact}. {fix.capitalize()}, then rerun the same "
+                f"command with --resume")
+            err.errno = code or errno.EIO
+            raise err from exc
         raise
     # make the rename itself durable (best effort; not all filesystems allow it)
     with suppress(OSError):
@@ -52,9 +101,38 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.close(dfd)
 
 
+class _Writer:
+    """A file wrapper for torch.save that keeps the OSError of a failed write (torch reports only
+    'unexpected pos'), so a full disk can be named as such."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`atomic_save` with ``weights_only=True``."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointReadError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain values, "
+            f"which could run code (xlearner reads checkpoints with weights_only=True). It was not "
+            f"written by `xlearner train`; delete it or start the run without --resume") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointReadError(
+            f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"it is damaged: delete it (the run restarts from step 0) or restore a copy") from None
 
 
 # ---------------------------------------------------------------------------- RNG

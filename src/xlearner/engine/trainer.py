@@ -192,6 +192,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
     optimizer = build_optimizer(module, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
 
+    # a run killed while writing leaves temporary files; only rank 0 writes into out_dir
+    stale = ckpt.remove_stale_temp_files(out_dir) if main else []
     start_step, images_seen, resumed_msg = 0, 0, None
     if resume:
         if ckpt_path.is_file():
@@ -225,6 +227,9 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
              f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")
     if resumed_msg:
         log.info(resumed_msg)
+    if stale:
+        log.info(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
+                 + ", ".join(p.name for p in stale))
 
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     names: list[str] | None = None
@@ -369,12 +374,14 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
             due_val = evaluate is not None and (is_last or (cfg.val_every > 0 and step % cfg.val_every == 0))
             if due_log or due_ckpt or due_val:
                 flush()
-            if due_ckpt:
-                save(step)
+            # log and validation lines first, checkpoint last: a run killed in between resumes from the
+            # previous checkpoint and writes those lines again, so the log never lacks a checkpointed step
             if due_log:
                 write_log(step)
             if due_val:
                 run_eval(step)
+            if due_ckpt:
+                save(step)
         flush()
         t_end = time.perf_counter()
         if step == start_step:  # nothing left to train (resumed a finished run)

@@ -113,7 +113,7 @@ class Backbone(nn.Module):
         self.channels: list[int] = [int(info[i]["num_chs"]) for i in cfg.out_indices]
         self.strides: list[int] = [int(info[i]["reduction"]) for i in cfg.out_indices]
         if cfg.weights is not None:
-            load_initial_weights(self, cfg.weights)
+            load_initial_weights(self, cfg.weights, partial=cfg.weights_partial)
 
     def run_stages(self, x: Tensor, start: int, stop: int) -> list[Tensor]:
         """Outputs of stages ``start..stop-1`` (0-based) applied in turn to ``x``."""
@@ -131,22 +131,49 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     return Backbone(cfg)
 
 
+class WeightsError(ValueError):
+    """A weights file that is refused (not weights-only), unreadable, or does not fit the backbone."""
+
+
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 def read_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """A .safetensors or a .pth/.pt (loaded with weights_only=True, never unpickling code)."""
+    """A .safetensors or a .pth/.pt/.bin (loaded with weights_only=True, never unpickling code)."""
+    import pickle
+
     path = Path(path)
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise WeightsError(f"weights file {path}: expected one of {', '.join(WEIGHTS_SUFFIXES)} (a .safetensors, "
+                           f"or a state_dict saved with torch.save)")
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError and friends: a damaged or mislabelled file
+            raise WeightsError(f"{path}: not a readable .safetensors file ({exc}); if it was written by "
+                               f"torch.save, rename it to .pth") from None
+    try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "model_state"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path} does not hold a state dict")
-        return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    raise ValueError(f"weights file {path}: expected .safetensors, .pth or .pt")
+    except pickle.UnpicklingError:
+        # say it in our words: PyTorch's own message suggests weights_only=False, which would run the file's code
+        raise WeightsError(
+            f"{path}: refused to load: it holds Python objects other than tensors, which could run code "
+            f"(xlearner reads .pth/.pt with weights_only=True). Save a plain state_dict "
+            f"(torch.save(model.state_dict(), ...)) or a .safetensors file") from None
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read it as a torch.save file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); is it damaged or of another "
+                           f"format? Accepted: {', '.join(WEIGHTS_SUFFIXES)}") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict (name -> tensor)")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
 def _strip(key: str) -> str:
@@ -159,17 +186,36 @@ def _strip(key: str) -> str:
     return key
 
 
-def load_initial_weights(backbone: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Non-strict load with a printed key report; a shape mismatch is an error naming the key."""
+def load_initial_weights(backbone: nn.Module, path: str | Path, partial: bool = False) -> dict[str, list[str]]:
+    """Load a weights file into the backbone, printing the matched, missing and unexpected keys.
+
+    Keys of the file absent from the backbone (a classifier, the unused tail) are ignored. An error
+    names the file when no key matches, when a shape differs, or when a backbone key is missing
+    from the file, unless ``partial`` (config ``backbone.weights_partial``): a wrong file must not
+    silently leave a random backbone.
+    """
     state = {_strip(k): v for k, v in read_weights_file(path).items()}
     own = backbone.state_dict()
+    arch = getattr(getattr(backbone, "cfg", None), "name", type(backbone).__name__)
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"weights {path}: shape mismatch for {len(mismatched)} keys, first: " + "; ".join(mismatched[:3]))
+        raise WeightsError(f"weights {path}: shape mismatch for {len(mismatched)} keys of backbone {arch}, first: "
+                           + "; ".join(mismatched[:3]) + "; the file is for another architecture or other kwargs")
     matched = [k for k in state if k in own]
-    missing = [k for k in own if k not in state]
+    # old checkpoints lack BatchNorm's num_batches_tracked: it only counts steps, never missing
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
+    if not matched:
+        raise WeightsError(
+            f"weights {path}: none of its {len(state)} tensors matches a key of backbone {arch} "
+            f"(file has e.g. {list(state)[:3]}; expected e.g. {list(own)[:3]}); give weights of this "
+            f"architecture (`xlearner export` writes them) or set backbone.name to the file's architecture")
+    if missing and not partial:
+        raise WeightsError(
+            f"weights {path}: {len(missing)} of the {len(own)} keys of backbone {arch} are missing from the file "
+            f"(e.g. {missing[:3]}; {len(matched)} matched); give a file for the whole backbone, or set "
+            f"backbone.weights_partial=true to keep random weights for the missing keys")
     backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
     report = {"matched": matched, "missing": missing, "unexpected": unexpected}
     print(f"backbone weights {path}: " + ", ".join(

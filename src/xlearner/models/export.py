@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from xlearner.config import BackboneConfig
+from xlearner.config import BackboneConfig, ConfigError
 from xlearner.models.backbone import TV_RESNETS, Backbone, create_full_model
 
 
@@ -84,7 +84,13 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     cfg = BackboneConfig(name=meta["arch"], kwargs=json.loads(meta.get("kwargs", "{}")),
                          out_indices=tuple(json.loads(meta.get("out_indices", "[1, 2, 3, 4]"))))
     backbone = Backbone(cfg)
-    backbone.load_state_dict(load_file(str(path)), strict=True)
+    try:
+        backbone.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: the file does not fit its own metadata
+        from xlearner.models.backbone import WeightsError
+
+        raise WeightsError(f"{path}: its tensors do not fit the {cfg.name} backbone its metadata names "
+                           f"({str(exc).splitlines()[0]} ...); export it again with `xlearner export`") from None
     return cfg, backbone
 
 
@@ -97,7 +103,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     run_json, weights = run_dir / "run.json", run_dir / "model.safetensors"
     for p in (run_json, weights):
         if not p.is_file():
-            raise SystemExit(f"export: {p} does not exist; give a run folder written by `xlearner train`")
+            raise ConfigError(f"export: {p} does not exist; give a run folder written by `xlearner train`")
     run = json.loads(run_json.read_text())
     stage, config = run.get("stage"), run.get("config", {})
     bcfg = BackboneConfig.model_validate({**config.get("backbone", {}), "weights": None})
@@ -111,12 +117,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     state = load_file(str(weights))
     if stage == "expansion" and not any(k.startswith(prefix) for k in state):
         have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
-        raise SystemExit(f"export: expansion run has no {branch!r} branch; branches: {have}")
+        raise ConfigError(f"export: expansion run has no {branch!r} branch; branches: {have}")
     fmt = format or "timm"
     try:
         tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
     except ValueError as exc:
-        raise SystemExit(f"export: {exc}") from None
+        raise ConfigError(f"export: {exc}") from None
     base = bcfg.name[3:] if bcfg.name.startswith("tv:") else bcfg.name
     out_cfg = bcfg.model_copy(update={"name": f"tv:{base}" if fmt == "torchvision" else base})
     out = Path(out) if out else run_dir / f"backbone_{fmt}.safetensors"

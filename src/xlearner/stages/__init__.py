@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -86,6 +87,9 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
     main = rank == 0
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        from xlearner.engine.checkpoint import remove_stale_temp_files
+
+        remove_stale_temp_files(out_dir)  # left by a run killed while writing (fit does it too)
     t0 = time.time()
 
     # --- sources and data --------------------------------------------------------------
@@ -111,6 +115,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
 
     metrics: dict = {}
     steps = 0
+    bad_counts = None
     if stage == "scratch":
         common.report_bad_records(datasets, sources, verbose=main)
         fit_wall = 0.0
@@ -121,9 +126,14 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         tasks = {s.name: s.task for s in sources}
         num_classes = {s.name: int(datasets[s.name].num_classes) for s in sources}
 
-        def evaluate(*_args, **_kwargs) -> dict:
-            return common.evaluate_sources(module.predict, data.val_loaders, tasks, num_classes,
-                                           max_batches=cfg.train.val_batches, module=module)
+        def evaluate(_module, step, *_args, **_kwargs) -> dict:
+            out = common.evaluate_sources(module.predict, data.val_loaders, tasks, num_classes,
+                                          max_batches=cfg.train.val_batches, module=module)
+            # fit evaluates on rank 0 only: its own counts here, the union over ranks at the end
+            print(common.bad_records_line({n: d.bad.count for n, d in data.datasets.items()},
+                                          {n: d.bad.count for n, d in data.val_datasets.items()},
+                                          sources, f"by step {step}"), flush=True)
+            return out
 
         try:
             result = fit(module, data.loader, cfg.train, out_dir,
@@ -137,6 +147,10 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         steps = int(result.steps)
         metrics = dict(result.metrics or {})
         fit_wall = float(getattr(result, "wall_s", time.time() - t0))
+        bad_counts = common.bad_record_counts(datasets)  # includes the loader workers' skips
+        if main:
+            print(common.bad_records_line(bad_counts, {n: d.bad.count for n, d in data.val_datasets.items()},
+                                          sources, "in training"), flush=True)
 
     # --- outputs ---------------------------------------------------------------------------
     seen = common.images_seen({s.name: s.batch_size for s in sources}, steps, world_size)
@@ -154,10 +168,10 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
                  "gflops_per_image": {n: train_f[n] / 1e9 for n in train_f},
                  "teacher_gflops_per_image": {n: teacher_f[n] / 1e9 for n in teacher_f}},
         "metrics": metrics,
-        # records skipped under on_bad_sample: skip (when opening the source, and while decoding
-        # in this process; decode failures counted inside DataLoader workers are not seen here)
-        "bad_records": {s.name: int(getattr(getattr(datasets[s.name], "bad", None), "count", 0) or 0)
-                        for s in sources},
+        # records skipped under on_bad_sample: skip (when opening the source, and while decoding,
+        # in this process or in its DataLoader workers)
+        "bad_records": bad_counts or {s.name: int(getattr(getattr(datasets[s.name], "bad", None), "count", 0) or 0)
+                                      for s in sources},
         "wall_s": round(time.time() - t0, 2),
         "fit_wall_s": round(fit_wall, 2),
         "status": "done",
@@ -188,5 +202,15 @@ def train_stage_command(args) -> int:
 
     cfg = load_config(args.config, list(args.overrides or []))
     out = Path(args.out) if args.out else Path("runs") / cfg.name / args.stage
-    train_stage(cfg, args.stage, out, resume=bool(args.resume))
+    try:
+        train_stage(cfg, args.stage, out, resume=bool(args.resume))
+    except Exception as exc:  # the CLI prints one line; the run folder keeps the traceback
+        if out.is_dir():
+            import traceback
+
+            with suppress(OSError):  # a full disk must not hide the original error
+                (out / "error.log").write_text("".join(traceback.format_exception(exc)))
+                exc.xlearner_log = str(out / "error.log")
+        raise
+    (out / "error.log").unlink(missing_ok=True)  # a resumed run that finished: the old error is history
     return 0

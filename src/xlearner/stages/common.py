@@ -6,7 +6,7 @@ reads as "which model, which losses".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -29,6 +29,7 @@ class StageData:
     val_loaders: dict         # name -> DataLoader over the val split
     batch_sizes: dict         # name -> per-rank batch size
     world_size: int = 1
+    val_datasets: dict = field(default_factory=dict)  # name -> val split (its bad-record count)
 
 
 def build_datasets(sources: Sequence[SourceConfig], split: str = "train") -> dict:
@@ -50,6 +51,39 @@ def report_bad_records(datasets: dict, sources: Sequence[SourceConfig], verbose:
     return counts
 
 
+def bad_record_counts(datasets: dict) -> dict[str, int]:
+    """Records skipped so far per source (opening it, and decoding in this process or its loader workers).
+
+    Under DDP each rank reads its own shard: the decode failures flagged on all ranks are united
+    (a collective: every rank must call it)."""
+    from xlearner.engine.distributed import all_gather_object, is_dist
+
+    counts = {}
+    for name, ds in datasets.items():
+        bad = getattr(ds, "bad", None)
+        counts[name] = int(getattr(bad, "count", 0) or 0)
+    if is_dist():
+        flagged = {n: getattr(getattr(ds, "bad", None), "failed_indices", lambda: [])() for n, ds in datasets.items()}
+        every = all_gather_object(flagged)
+        for name, ds in datasets.items():
+            mine = set(flagged[name])
+            union = set().union(*(set(f[name]) for f in every))
+            counts[name] += len(union - mine)
+    return counts
+
+
+def bad_records_line(counts: dict[str, int], val_counts: dict[str, int], sources: Sequence[SourceConfig],
+                     when: str) -> str:
+    """One console line: per source, the bad records skipped in train (and val) so far."""
+    by_name = {s.name: s for s in sources}
+    parts = []
+    for name, n in counts.items():
+        v = val_counts.get(name, 0)
+        parts.append(f"{name} {n}" + (f" (+{v} in val)" if v else "")
+                     + ("" if by_name[name].on_bad_sample == "skip" else " (on_bad_sample: error)"))
+    return f"bad records skipped {when}: " + ", ".join(parts)
+
+
 def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: int = 0, world_size: int = 1,
                      datasets: dict | None = None, with_val: bool = True) -> StageData:
     """Train datasets + transforms + MultiSourceLoader (DDP-aware) and val loaders for ``sources``."""
@@ -67,7 +101,7 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     loader = MultiSourceLoader(datasets, batch_sizes, transforms, tasks, seed=cfg.seed, rank=rank,
                                world_size=world_size, num_workers=cfg.train.num_workers,
                                pin_memory=torch.cuda.is_available())
-    val_loaders = {}
+    val_loaders, val_datasets = {}, {}
     if with_val:
         for s in sources:
             try:
@@ -78,9 +112,10 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
                 continue
             if len(val) == 0:
                 continue
+            val_datasets[s.name] = val
             val_loaders[s.name] = eval_loader(spread_subset(val, cfg.train.val_batches * s.batch_size),
                                               s.task, cfg.size_of(s), s.batch_size)
-    return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size)
+    return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size, val_datasets)
 
 
 def spread_subset(dataset, n: int):
@@ -173,6 +208,19 @@ def _to(obj, device):
     return obj
 
 
+def forward_any_batch(net_forward: Callable[[Tensor, str], object], images: Tensor, name: str):
+    """``net_forward(images, name)`` for any batch size, one included.
+
+    GroupNorm with one channel per group on a 1x1 map (a small FPN's coarsest level), and a
+    batch-statistics BatchNorm, refuse a one-image batch ("Expected more than 1 value per
+    channel"). A lone image runs as two copies and keeps the first output: the same result,
+    since each copy is normalised the same way.
+    """
+    if images.shape[0] != 1:
+        return net_forward(images, name)
+    return net_forward(torch.cat([images, images]), name)[:1]
+
+
 @torch.no_grad()
 def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict, tasks: dict[str, str],
                      num_classes: dict[str, int], max_batches: int | None = None,
@@ -202,7 +250,7 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
                 if max_batches is not None and i >= max_batches:
                     break
                 images = batch["images"].to(device)
-                y = net_forward(images, name)
+                y = forward_any_batch(net_forward, images, name)
                 if task == "cls":
                     labels = batch["labels"].to(y.device)
                     correct += int((y.argmax(1) == labels).sum())

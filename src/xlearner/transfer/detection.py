@@ -78,14 +78,19 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
             tmaps, tt = cache["test"]
             for i in range(0, len(tt), 64):
                 feats = [m[i:i + 64].to(dev, torch.float32) for m in tmaps]
-                preds.extend(head.detect(neck(feats), image_size))
+                if feats[0].shape[0] == 1:  # GroupNorm of a 1x1 level refuses one image: run two copies
+                    preds.extend(head.detect(neck([torch.cat([f, f]) for f in feats]), image_size)[:1])
+                else:
+                    preds.extend(head.detect(neck(feats), image_size))
             gts = tt
         else:
             from xlearner.data.loader import eval_loader
 
             ev = eval_loader(test_ds, "det", size, 64)
             for b in progress(ev, total=len(ev), desc="det test", enable=show_progress):
-                preds.extend(head.detect(neck(backbone(b["images"].to(dev))), image_size))
+                x = b["images"].to(dev)
+                x1 = torch.cat([x, x]) if x.shape[0] == 1 else x  # one image: see the frozen branch
+                preds.extend(head.detect(neck(backbone(x1)), image_size)[:x.shape[0]])
                 gts.extend(b["targets"])
     preds = [{k: v.cpu() for k, v in p.items()} for p in preds]
     res = coco_map(preds, gts, num_classes)

@@ -66,14 +66,22 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
         tmp = Path(tempfile.mkdtemp()) / "backbone.safetensors"
         export.export_run(path, tmp, format="timm")
         path = tmp
-    if export is not None and hasattr(export, "load_backbone"):
+    from xlearner.models.backbone import WEIGHTS_SUFFIXES, Backbone, WeightsError
+
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise WeightsError(f"backbone {path}: expected a run folder or a weights file ({', '.join(WEIGHTS_SUFFIXES)}: "
+                           f".safetensors from `xlearner export`, or a state_dict saved with torch.save)")
+    if export is not None and hasattr(export, "load_backbone") and path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            has_arch = "arch" in (f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                has_arch = "arch" in (f.metadata() or {})
+        except Exception as exc:
+            raise WeightsError(f"{path}: not a readable .safetensors file ({exc}); if it was written by "
+                               f"torch.save, rename it to .pth") from None
         if has_arch or cfg is None:
             return export.load_backbone(path)
-    from xlearner.models.backbone import Backbone
 
     if cfg is None:
         raise ConfigError("loading a raw weights file needs a config naming the backbone architecture")
