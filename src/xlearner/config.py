@@ -33,13 +33,26 @@ class _Strict(BaseModel):
 
 class BackboneConfig(_Strict):
     name: str = "resnet18"
-    """A timm model name, or ``tv:<name>`` for a torchvision ResNet."""
+    """A timm model name, or ``tv:<name>`` for a torchvision ResNet or ``tv:mobilenet_v2``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra constructor arguments (e.g. ``channels`` and ``stem_width`` for a narrow timm ResNet)."""
     out_indices: tuple[int, ...] = (1, 2, 3, 4)
     """Feature stages returned (C2..C5 for a ResNet)."""
     weights: Path | None = None
-    """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True."""
+    """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True; or
+    ``imagenet``: torchvision's ImageNet MobileNetV2 (needs ``name: tv:mobilenet_v2``), fetched once."""
+
+    @property
+    def imagenet(self) -> bool:
+        """True when the weights are the fetched ImageNet MobileNetV2 (``weights: imagenet``)."""
+        return self.weights is not None and str(self.weights) == "imagenet"
+
+    @model_validator(mode="after")
+    def _check_imagenet(self) -> "BackboneConfig":
+        if self.imagenet and self.name != "tv:mobilenet_v2":
+            raise ValueError(f"backbone.weights: imagenet is torchvision's MobileNetV2: set backbone.name: "
+                             f"tv:mobilenet_v2 (got {self.name!r})")
+        return self
 
 
 class ComposerConfig(_Strict):
@@ -333,7 +346,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     p = Path(src[f]).expanduser()
                     src[f] = str(p if p.is_absolute() else base / p)
     bb = data.get("backbone")
-    if isinstance(bb, dict) and isinstance(bb.get("weights"), str):
+    if isinstance(bb, dict) and isinstance(bb.get("weights"), str) and bb["weights"] != "imagenet":
         p = Path(bb["weights"]).expanduser()
         bb["weights"] = str(p if p.is_absolute() else base / p)
 
@@ -412,7 +425,7 @@ def check_paths(cfg: RunConfig, origin: str) -> None:
             if p is not None and not Path(p).exists():
                 what = expect[field.split("_")[-1]]
                 problems.append(f"sources[{i}]({src.name}).{field}: {p} does not exist (expected {what})")
-    if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
+    if cfg.backbone.weights is not None and not cfg.backbone.imagenet and not Path(cfg.backbone.weights).is_file():
         problems.append(f"backbone.weights: {cfg.backbone.weights} does not exist (expected a .safetensors or .pth file)")
     if problems:
         raise ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(problems))

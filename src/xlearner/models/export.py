@@ -15,20 +15,29 @@ import torch
 from torch import Tensor
 
 from xlearner.config import BackboneConfig
-from xlearner.models.backbone import TV_RESNETS, Backbone, create_full_model
+from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
+
+
+def native_format(arch: str) -> str:
+    """The export format a backbone's keys belong to: torchvision for ``tv:mobilenet_v2`` (timm's
+    MobileNetV2 names its modules differently), timm for everything else."""
+    return "torchvision" if arch.startswith("tv:") and arch[3:] in TV_MOBILENETS else "timm"
 
 
 def _reference_state(format: str, arch: str, kwargs: dict) -> dict[str, Tensor]:
     base = arch[3:] if arch.startswith("tv:") else arch
     if format == "torchvision":
-        if base not in TV_RESNETS:
-            raise ValueError(f"torchvision format is only for the standard torchvision ResNets "
-                             f"({', '.join(TV_RESNETS)}); {arch!r} is not one: use --format timm")
+        if base not in TV_RESNETS + TV_MOBILENETS:
+            raise ValueError(f"torchvision format is only for the standard torchvision ResNets and MobileNetV2 "
+                             f"({', '.join(TV_RESNETS + TV_MOBILENETS)}); {arch!r} is not one: use --format timm")
         if kwargs and not arch.startswith("tv:"):
             raise ValueError(f"{arch} was built with timm kwargs {kwargs}, which torchvision.models.{base}() cannot "
                              f"express: use --format timm")
         return create_full_model(f"tv:{base}", kwargs).state_dict()
     if format == "timm":
+        if base in TV_MOBILENETS:
+            raise ValueError(f"{arch} has torchvision key names (timm's MobileNetV2 is mobilenetv2_100, with other "
+                             f"names): use --format torchvision")
         if arch.startswith("tv:") and kwargs:
             raise ValueError(f"{arch} was built with torchvision kwargs {kwargs}: use --format torchvision")
         return create_full_model(base, kwargs).state_dict()
