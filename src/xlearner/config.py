@@ -167,6 +167,9 @@ class ExpansionConfig(_Strict):
     reconcile_after: list[int] = Field(default_factory=lambda: [1, 2, 3])
     """Stage boundaries (1-based index into backbone stages) after which branches exchange features."""
     detach_others: bool = True
+    reconcile_from: Literal["same", "all"] = "same"
+    """``same``: R_{t<-u} at stage s reads stage s of branch u (1x1 conv + BN); ``all``: stages 1..s of
+    branch u, resampled to stage s (gv-benchmark's cross layers; ablation ``reconcile_all_stages``)."""
 
 
 class SqueezeConfig(_Strict):
@@ -177,6 +180,20 @@ class SqueezeConfig(_Strict):
     """Which stage features (1-based, of out_indices) are distilled."""
     kd_weight: float = Field(0.0, ge=0)
     kd_temperature: float = Field(4.0, gt=0)
+    distill_teachers: Literal["own", "all"] = "own"
+    """``own``: a batch of task t is distilled from teacher branch t only; ``all``: on every source's
+    images, adapter A_u is pulled towards every branch u (URL's multi-teacher distillation)."""
+    distill_loss: Literal["l2", "cosine", "cka"] = "l2"
+    """``l2``: squared distance of per-pixel channel-normalised maps (= 2 - 2cos per pixel);
+    ``cosine``: 1 - cos of each image's whole (C, H, W) map; ``cka``: 1 - linear CKA over the batch's pixels."""
+    teacher_bn: Literal["batch", "source"] = "batch"
+    """How the frozen teacher normalises: ``batch`` statistics of each batch, or ``source``: precise-BN
+    statistics estimated once per source on ``teacher_bn_batches`` of its training batches."""
+    teacher_bn_batches: int = Field(8, ge=1)
+    generalist: str | None = None
+    """A generalist teacher beside the task branches (Representation Consolidation): ``msmt`` (in
+    ``xlearner run``: the run's MSMT baseline) or a single-backbone run folder; distilled through its own adapter."""
+    generalist_weight: float = Field(1.0, ge=0)
     teacher: Path | None = None
     """Expansion run folder (or its checkpoint); `xlearner run` fills it in."""
 
@@ -192,6 +209,10 @@ class BaselineConfig(_Strict):
     """Source for SSST; None picks the cls source with the most training images."""
     msst_task: Task = "cls"
     """Task whose sources MSST trains on (`xlearner run` trains MSST for every task)."""
+    imagenet: bool = True
+    """`xlearner run` transfers torchvision's ImageNet MobileNetV2 untouched as the method ``imagenet``
+    (no training stage; its ImageNet pretraining is an external cost) when ``backbone.name`` is
+    ``tv:mobilenet_v2`` at the standard width; other architectures have no pretrained file here."""
 
 
 class TransferConfig(_Strict):
