@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- training ---------------------------------------------------------------------
     p = sub.add_parser("train", help="train one stage: expansion, squeeze or a baseline")
-    p.add_argument("config", help="preset name (quick, default, gpu) or YAML path")
+    p.add_argument("config", help="preset name (quick, default, gpu, pretrained, ...) or YAML path")
     p.add_argument("--stage", required=True, choices=["expansion", "squeeze", "ssst", "msst", "msmt", "scratch"])
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
 
     p = sub.add_parser("run", help="the main job: fetch, expansion, squeeze, baselines, transfer, report")
-    p.add_argument("--preset", default="default", help="quick, default, gpu, or a YAML path")
+    p.add_argument("--preset", default="default", help="quick, default, gpu, pretrained, pretrained_gpu, or a YAML path")
     p.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
     from xlearner.pipeline import ABLATIONS
 
