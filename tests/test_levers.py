@@ -271,25 +271,35 @@ NEW_ABLATIONS = {
     "kd_logits": ("squeeze.kd_weight", 1.0),
     "distill_weight_x4": ("squeeze.distill_weight", 4.0),
     "distill_weight_x0.25": ("squeeze.distill_weight", 0.25),
+    "task_balanced_loss": ("sources.digits.loss_weight", 0.5),  # two cls sources share one unit
+    "task_balanced_sampling": ("sources.digits.batch_size", 2),  # (4 + 4 + 2 + 2) / 3 tasks / 2 cls sources
 }
+OWN_EXPANSION = {"reconcile_all_stages", "task_balanced_loss", "task_balanced_sampling"}
 
 
 @pytest.mark.parametrize("name", sorted(NEW_ABLATIONS))
 def test_each_lever_ablation_builds_its_parts(name, tmp_path):
     from xlearner.pipeline import ablation_overrides, build_parts, load_config_like
 
-    cfg = tiny_cfg()
+    two_cls = [{"name": "digits", "task": "cls", "dataset": "mnist", "batch_size": 4},
+               {"name": "clothes", "task": "cls", "dataset": "fashion_mnist", "batch_size": 4},
+               {"name": "scenes", "task": "det", "dataset": "composed_det_glyphs", "batch_size": 2},
+               {"name": "regions", "task": "seg", "dataset": "composed_seg_glyphs", "batch_size": 2}]
+    cfg = tiny_cfg(sources=two_cls)
     key, value = NEW_ABLATIONS[name]
     acfg = load_config_like(cfg, ablation_overrides(name, cfg))
-    section, field = key.split(".")
-    assert getattr(getattr(acfg, section), field) == value
+    section, *rest = key.split(".")
+    if section == "sources":
+        assert getattr(acfg.source(rest[0]), rest[1]) == value
+    else:
+        assert getattr(getattr(acfg, section), rest[0]) == value
     parts, methods = build_parts(cfg, tmp_path, name)
     names = [p.name for p in parts]
     method = f"xlearner[{name}]"
     squeeze_dir = f"ablations/{name}/squeeze"
     assert squeeze_dir in names and f"export {method}" in names
     assert f"transfer {method} -> animal_mnist" in names
-    if section == "expansion":  # a lever of the expansion stage trains its own teacher
+    if name in OWN_EXPANSION:  # a lever of the expansion stage (or of the data) trains its own teacher
         assert methods[method] == [f"ablations/{name}/expansion", squeeze_dir]
     else:  # a lever of the squeeze stage only distils from the main expansion model
         assert methods[method] == ["expansion", squeeze_dir]
