@@ -301,6 +301,8 @@ def test_each_lever_ablation_builds_its_parts(name, tmp_path):
     assert f"transfer {method} -> animal_mnist" in names
     if name in OWN_EXPANSION:  # a lever of the expansion stage (or of the data) trains its own teacher
         assert methods[method] == [f"ablations/{name}/expansion", squeeze_dir]
+    elif name == "generalist_teacher":  # its cost includes the generalist's (msmt) training
+        assert methods[method] == ["expansion", "msmt", squeeze_dir]
     else:  # a lever of the squeeze stage only distils from the main expansion model
         assert methods[method] == ["expansion", squeeze_dir]
         assert f"ablations/{name}/expansion" not in names

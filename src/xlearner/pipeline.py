@@ -166,7 +166,8 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
             sq_key = _key(sq_key, _key("msmt", base_sections))
             deps.append("msmt")
         stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), deps)
-        methods[method] = [exp_dir, f"{prefix}squeeze"]
+        # the method's cost: every stage it needs (the generalist teacher's training included)
+        methods[method] = [exp_dir] + deps[1:] + [f"{prefix}squeeze"]
         backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
 
     xlearner_parts("", cfg, "xlearner", direct=False)
