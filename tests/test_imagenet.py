@@ -132,3 +132,24 @@ def test_pretrained_presets_start_every_method_from_imagenet(preset, tmp_path):
     assert cfg.tasks == ["cls", "det", "seg"] and cfg.squeeze.init == "copy:cls"
     methods = build_parts(cfg, tmp_path)[1]
     assert {"xlearner", "ssst", "msst_cls", "msmt", "scratch", "imagenet"} <= set(methods)
+
+
+def test_a_mobilenet_run_folder_exports_under_torchvision_names(tmp_path):
+    """`xlearner transfer --backbone RUN_FOLDER` exports in the backbone's own library (format=None)."""
+    import json
+
+    from xlearner.config import RunConfig
+    from xlearner.models.export import export_run, load_backbone
+    from xlearner.models.nets import SourceSpec
+    from xlearner.stages import save_product
+    from xlearner.stages.baselines import build_shared_net
+
+    cfg = RunConfig.model_validate({"backbone": {"name": "tv:mobilenet_v2"},
+                                    "sources": [{"name": "digits", "task": "cls", "dataset": "mnist"}]})
+    run = tmp_path / "msmt"
+    run.mkdir()
+    save_product(build_shared_net(cfg, [SourceSpec("digits", "cls", 10)]), run / "model.safetensors")
+    (run / "run.json").write_text(json.dumps({"stage": "msmt", "config": cfg.to_dict()}))
+    path = export_run(run, tmp_path / "bb.safetensors", format=None)
+    arch, backbone = load_backbone(path)
+    assert arch.name == "tv:mobilenet_v2" and backbone.channels == [24, 32, 96, 320]

@@ -97,7 +97,7 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     return cfg, backbone
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, format: str = "timm",
+def export_run(run_dir: str | Path, out: str | Path | None = None, format: str | None = "timm",
                branch: str | None = None) -> Path:
     """Write the backbone of a run folder (the product of `xlearner train`) alone, under library key names."""
     from safetensors.torch import load_file
@@ -121,7 +121,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     if stage == "expansion" and not any(k.startswith(prefix) for k in state):
         have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
         raise SystemExit(f"export: expansion run has no {branch!r} branch; branches: {have}")
-    fmt = format or "timm"
+    fmt = format or native_format(bcfg.name)  # None: the library the keys belong to
     try:
         tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
     except ValueError as exc:
