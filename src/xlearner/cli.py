@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- training ---------------------------------------------------------------------
     p = sub.add_parser("train", help="train one stage: expansion, squeeze or a baseline")
-    p.add_argument("config", help="preset name (quick, default, gpu) or YAML path")
+    p.add_argument("config", help="preset name (quick, default, gpu, pretrained, ...) or YAML path")
     p.add_argument("--stage", required=True, choices=["expansion", "squeeze", "ssst", "msst", "msmt", "scratch"])
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -105,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
 
     p = sub.add_parser("run", help="the main job: fetch, expansion, squeeze, baselines, transfer, report")
-    p.add_argument("--preset", default="default", help="quick, default, gpu, or a YAML path")
+    p.add_argument("--preset", default="default", help="quick, default, gpu, pretrained, pretrained_gpu, or a YAML path")
     p.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    p.add_argument("--ablation", default=None,
-                   choices=["no_reconciliation", "no_detach", "squeeze_scratch", "no_distill", "expansion_direct"],
-                   help="run an ablation of X-Learner against the same baselines")
+    from xlearner.pipeline import ABLATIONS
+
+    p.add_argument("--ablation", default=None, choices=list(ABLATIONS),
+                   help="run an ablation of X-Learner against the same baselines (docs/levers.md)")
     _add_overrides(p)
 
     p = sub.add_parser("report", help="write report.md, results.json and plots from a run folder")

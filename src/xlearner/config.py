@@ -33,16 +33,29 @@ class _Strict(BaseModel):
 
 class BackboneConfig(_Strict):
     name: str = "resnet18"
-    """A timm model name, or ``tv:<name>`` for a torchvision ResNet."""
+    """A timm model name, or ``tv:<name>`` for a torchvision ResNet or ``tv:mobilenet_v2``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra constructor arguments (e.g. ``channels`` and ``stem_width`` for a narrow timm ResNet)."""
     out_indices: tuple[int, ...] = (1, 2, 3, 4)
     """Feature stages returned (C2..C5 for a ResNet)."""
     weights: Path | None = None
-    """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True."""
+    """Initial weights: a .safetensors file or a .pth/.pt loaded with weights_only=True; or
+    ``imagenet``: torchvision's ImageNet MobileNetV2 (needs ``name: tv:mobilenet_v2``), fetched once."""
     weights_partial: bool = False
     """Accept a weights file that lacks some backbone keys (they keep their random init); by default a
     missing key is an error, so a wrong file never leaves a silently random backbone."""
+
+    @property
+    def imagenet(self) -> bool:
+        """True when the weights are the fetched ImageNet MobileNetV2 (``weights: imagenet``)."""
+        return self.weights is not None and str(self.weights) == "imagenet"
+
+    @model_validator(mode="after")
+    def _check_imagenet(self) -> "BackboneConfig":
+        if self.imagenet and self.name != "tv:mobilenet_v2":
+            raise ValueError(f"backbone.weights: imagenet is torchvision's MobileNetV2: set backbone.name: "
+                             f"tv:mobilenet_v2 (got {self.name!r})")
+        return self
 
 
 class ComposerConfig(_Strict):
@@ -157,6 +170,9 @@ class ExpansionConfig(_Strict):
     reconcile_after: list[int] = Field(default_factory=lambda: [1, 2, 3])
     """Stage boundaries (1-based index into backbone stages) after which branches exchange features."""
     detach_others: bool = True
+    reconcile_from: Literal["same", "all"] = "same"
+    """``same``: R_{t<-u} at stage s reads stage s of branch u (1x1 conv + BN); ``all``: stages 1..s of
+    branch u, resampled to stage s (gv-benchmark's cross layers; ablation ``reconcile_all_stages``)."""
 
 
 class SqueezeConfig(_Strict):
@@ -167,6 +183,20 @@ class SqueezeConfig(_Strict):
     """Which stage features (1-based, of out_indices) are distilled."""
     kd_weight: float = Field(0.0, ge=0)
     kd_temperature: float = Field(4.0, gt=0)
+    distill_teachers: Literal["own", "all"] = "own"
+    """``own``: a batch of task t is distilled from teacher branch t only; ``all``: on every source's
+    images, adapter A_u is pulled towards every branch u (URL's multi-teacher distillation)."""
+    distill_loss: Literal["l2", "cosine", "cka"] = "l2"
+    """``l2``: squared distance of per-pixel channel-normalised maps (= 2 - 2cos per pixel);
+    ``cosine``: 1 - cos of each image's whole (C, H, W) map; ``cka``: 1 - linear CKA over the batch's pixels."""
+    teacher_bn: Literal["batch", "source"] = "batch"
+    """How the frozen teacher normalises: ``batch`` statistics of each batch, or ``source``: precise-BN
+    statistics estimated once per source on ``teacher_bn_batches`` of its training batches."""
+    teacher_bn_batches: int = Field(8, ge=1)
+    generalist: str | None = None
+    """A generalist teacher beside the task branches (Representation Consolidation): ``msmt`` (in
+    ``xlearner run``: the run's MSMT baseline) or a single-backbone run folder; distilled through its own adapter."""
+    generalist_weight: float = Field(1.0, ge=0)
     teacher: Path | None = None
     """Expansion run folder (or its checkpoint); `xlearner run` fills it in."""
 
@@ -182,6 +212,10 @@ class BaselineConfig(_Strict):
     """Source for SSST; None picks the cls source with the most training images."""
     msst_task: Task = "cls"
     """Task whose sources MSST trains on (`xlearner run` trains MSST for every task)."""
+    imagenet: bool = True
+    """`xlearner run` transfers torchvision's ImageNet MobileNetV2 untouched as the method ``imagenet``
+    (no training stage; its ImageNet pretraining is an external cost) when ``backbone.name`` is
+    ``tv:mobilenet_v2`` at the standard width; other architectures have no pretrained file here."""
 
 
 class TransferConfig(_Strict):
@@ -340,7 +374,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     p = Path(src[f]).expanduser()
                     src[f] = str(p if p.is_absolute() else base / p)
     bb = data.get("backbone")
-    if isinstance(bb, dict) and isinstance(bb.get("weights"), str):
+    if isinstance(bb, dict) and isinstance(bb.get("weights"), str) and bb["weights"] != "imagenet":
         p = Path(bb["weights"]).expanduser()
         bb["weights"] = str(p if p.is_absolute() else base / p)
 
@@ -419,7 +453,7 @@ def check_paths(cfg: RunConfig, origin: str) -> None:
             if p is not None and not Path(p).exists():
                 what = expect[field.split("_")[-1]]
                 problems.append(f"sources[{i}]({src.name}).{field}: {p} does not exist (expected {what})")
-    if cfg.backbone.weights is not None and not Path(cfg.backbone.weights).is_file():
+    if cfg.backbone.weights is not None and not cfg.backbone.imagenet and not Path(cfg.backbone.weights).is_file():
         problems.append(f"backbone.weights: {cfg.backbone.weights} does not exist (expected a .safetensors or .pth file)")
     if problems:
         raise ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(problems))

@@ -2,6 +2,8 @@
 
 fetch -> expansion -> squeeze -> baselines (ssst, msst per task, msmt, scratch) -> export every
 method's backbone -> transfer of every backbone to every downstream dataset -> report.
+With a ``tv:mobilenet_v2`` backbone, torchvision's ImageNet MobileNetV2 is transferred too, as the
+method ``imagenet`` (no training stage here; ``baselines.imagenet``).
 
 Each part is keyed by the hash of the configuration sections it depends on, stored
 in its output; a rerun skips parts whose key matches and resumes an interrupted
@@ -21,13 +23,51 @@ from tqdm import tqdm
 
 from xlearner.config import RunConfig, load_config
 
-ABLATIONS: dict[str, list[str]] = {
+def _balanced_loss(cfg: RunConfig) -> list[str]:
+    """Each task's sources share one unit of loss weight (today a task with two sources counts twice)."""
+    n = {t: sum(s.task == t for s in cfg.sources) for t in cfg.tasks}
+    return [f"sources.{s.name}.loss_weight={s.loss_weight / n[s.task]}" for s in cfg.sources]
+
+
+def _balanced_sampling(cfg: RunConfig) -> list[str]:
+    """Every task draws the same number of images per step, the step's total unchanged."""
+    total = sum(s.batch_size for s in cfg.sources)
+    n = {t: sum(s.task == t for s in cfg.sources) for t in cfg.tasks}
+    return [f"sources.{s.name}.batch_size={max(1, round(total / len(cfg.tasks) / n[s.task]))}" for s in cfg.sources]
+
+
+ABLATIONS: dict[str, list[str] | Callable[[RunConfig], list[str]]] = {
     "no_reconciliation": ["expansion.reconciliation=false"],
     "no_detach": ["expansion.detach_others=false"],
     "squeeze_scratch": ["squeeze.init=scratch"],
     "no_distill": ["squeeze.distill_weight=0", "squeeze.kd_weight=0"],
     "expansion_direct": [],  # the expansion cls branch is transferred instead of the squeezed student
+    # method levers of the anchors (docs/levers.md)
+    "reconcile_all_stages": ["expansion.reconcile_from=all"],
+    "multi_teacher": ["squeeze.distill_teachers=all"],
+    "teacher_source_bn": ["squeeze.teacher_bn=source"],
+    "generalist_teacher": ["squeeze.generalist=msmt"],
+    "distill_cosine": ["squeeze.distill_loss=cosine"],
+    "distill_cka": ["squeeze.distill_loss=cka"],
+    "kd_logits": ["squeeze.kd_weight=1.0"],
+    "distill_weight_x4": lambda cfg: [f"squeeze.distill_weight={4 * cfg.squeeze.distill_weight}"],
+    "distill_weight_x0.25": lambda cfg: [f"squeeze.distill_weight={0.25 * cfg.squeeze.distill_weight}"],
+    "task_balanced_loss": _balanced_loss,
+    "task_balanced_sampling": _balanced_sampling,
 }
+"""Ablation name -> overrides of the X-Learner config (or a function of the config giving them)."""
+
+
+def ablation_overrides(name: str, cfg: RunConfig) -> list[str]:
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; ablations: {', '.join(ABLATIONS)}")
+    spec = ABLATIONS[name]
+    return list(spec(cfg) if callable(spec) else spec)
+
+
+def imagenet_compatible(cfg: RunConfig) -> bool:
+    """The run's backbone is torchvision's MobileNetV2 at the standard width: the ImageNet weights fit it."""
+    return cfg.backbone.name == "tv:mobilenet_v2" and not cfg.backbone.kwargs
 
 
 def _key(*parts: object) -> str:
@@ -80,9 +120,11 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
 
     parts: list[Part] = []
     methods: dict[str, list[str]] = {}
-    backbone_of: dict[str, tuple[str, str, str | None]] = {}  # method -> (stage dir, part key, branch)
+    # method -> (stage dir, part key, branch); stage dir None: not trained here (imagenet)
+    backbone_of: dict[str, tuple[str | None, str, str | None]] = {}
     steps = cfg.train.steps
     n_tasks = len(cfg.tasks)
+    base_sections = _sections(cfg, *UPSTREAM, "baselines")
 
     def stage_part(dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
                    deps: list[str] | None = None) -> None:
@@ -100,39 +142,61 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         parts.append(Part(dirname, key, weight, lambda: _stage_done(run_dir, key), run, deps or []))
 
     # --- X-Learner: expansion then squeeze --------------------------------------------------
+    main_expansion: dict[str, str] = {}
+
     def xlearner_parts(prefix: str, xcfg: RunConfig, method: str, direct: bool) -> None:
         exp_key = _key("expansion", _sections(xcfg, *UPSTREAM, "expansion"))
-        stage_part(f"{prefix}expansion", "expansion", xcfg, exp_key, steps * n_tasks)
+        exp_dir = f"{prefix}expansion"
+        if prefix and main_expansion.get("key") == exp_key:
+            exp_dir = "expansion"  # an ablation of the squeeze stage only: the main expansion model is its teacher
+        else:
+            stage_part(exp_dir, "expansion", xcfg, exp_key, steps * n_tasks)
+        if not prefix:
+            main_expansion["key"] = exp_key
         if direct:
-            methods[method] = [f"{prefix}expansion"]
-            backbone_of[method] = (f"{prefix}expansion", exp_key, "cls" if "cls" in xcfg.tasks else xcfg.tasks[0])
+            methods[method] = [exp_dir]
+            backbone_of[method] = (exp_dir, exp_key, "cls" if "cls" in xcfg.tasks else xcfg.tasks[0])
             return
         sq_cfg = xcfg.model_copy(deep=True)
-        sq_cfg.squeeze.teacher = out / f"{prefix}expansion"
+        sq_cfg.squeeze.teacher = out / exp_dir
         sq_key = _key("squeeze", exp_key, _sections(xcfg, *UPSTREAM, "squeeze"))
-        stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), [f"{prefix}expansion"])
-        methods[method] = [f"{prefix}expansion", f"{prefix}squeeze"]
+        deps = [exp_dir]
+        if xcfg.squeeze.generalist == "msmt":  # the generalist teacher is this run's MSMT baseline
+            sq_cfg.squeeze.generalist = str(out / "msmt")
+            sq_key = _key(sq_key, _key("msmt", base_sections))
+            deps.append("msmt")
+        stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), deps)
+        # the method's cost: every stage it needs (the generalist teacher's training included)
+        methods[method] = [exp_dir] + deps[1:] + [f"{prefix}squeeze"]
         backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
 
     xlearner_parts("", cfg, "xlearner", direct=False)
     if ablation:
-        acfg = load_config_like(cfg, ABLATIONS[ablation])
+        acfg = load_config_like(cfg, ablation_overrides(ablation, cfg))
         xlearner_parts(f"ablations/{ablation}/", acfg, f"xlearner[{ablation}]",
                        direct=ablation == "expansion_direct")
 
     # --- baselines on the same engine and step budget --------------------------------------
-    base_sections = _sections(cfg, *UPSTREAM, "baselines")
     baselines: list[tuple[str, str, RunConfig]] = [("ssst", "ssst", cfg)] if "cls" in cfg.tasks else []
     for task in cfg.tasks:
         bcfg = cfg.model_copy(deep=True)
         bcfg.baselines.msst_task = task
         baselines.append((f"msst_{task}", "msst", bcfg))
-    baselines += [("msmt", "msmt", cfg), ("scratch", "scratch", cfg)]
+    scratch_cfg = cfg.model_copy(deep=True)
+    scratch_cfg.backbone.weights = None  # scratch is random initialisation, also where the others start pretrained
+    baselines += [("msmt", "msmt", cfg), ("scratch", "scratch", scratch_cfg)]
     for dirname, stage, bcfg in baselines:
-        key = _key(dirname, base_sections)
+        key = _key(dirname, _sections(bcfg, *UPSTREAM, "baselines") if dirname == "scratch" else base_sections)
         stage_part(dirname, stage, bcfg, key, 0.5 if stage == "scratch" else steps * 1.0)
         methods[dirname] = [dirname]
         backbone_of[dirname] = (dirname, key, None)
+
+    # --- the current pretrained model, untouched (no training stage here) ---------------------
+    if cfg.baselines.imagenet and imagenet_compatible(cfg):
+        from xlearner.data.pretrained import IMAGENET_SHA256
+
+        methods["imagenet"] = []  # its ImageNet pretraining is an external cost, not counted
+        backbone_of["imagenet"] = (None, _key("imagenet", IMAGENET_SHA256, cfg.backbone.out_indices), None)
 
     # --- export + transfer -------------------------------------------------------------------
     transfer_sections = _sections(cfg, "transfer", "seed")
@@ -141,14 +205,17 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         bb_key = _key("export", stage_key, branch)
 
         def export(dirname=dirname, bb_path=bb_path, bb_key=bb_key, branch=branch) -> None:
-            from xlearner.models.export import export_run
+            from xlearner.models.export import export_run, native_format
 
-            export_run(out / dirname, bb_path, format="timm", branch=branch)
+            if dirname is None:
+                export_imagenet(cfg, bb_path)
+            else:
+                export_run(out / dirname, bb_path, format=native_format(cfg.backbone.name), branch=branch)
             _write_json(bb_path.with_suffix(".json"), {"key": bb_key})
 
         parts.append(Part(f"export {method}", bb_key, 0.1,
                           lambda p=bb_path, k=bb_key: (_read_json(p.with_suffix(".json")) or {}).get("key") == k and p.is_file(),
-                          export, [dirname]))
+                          export, [dirname] if dirname else []))
         for dataset in cfg.transfer.datasets:
             result = out / "transfer" / method / f"{dataset}.json"
             t_key = _key("transfer", bb_key, dataset, transfer_sections)
@@ -163,7 +230,32 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
             parts.append(Part(f"transfer {method} -> {dataset}", t_key, 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10),
                               lambda r=result, k=t_key: (_read_json(r) or {}).get("key") == k,
                               transfer, [f"export {method}"]))
-    return parts, methods
+    return in_dependency_order(parts), methods
+
+
+def in_dependency_order(parts: list[Part]) -> list[Part]:
+    """The parts, each after the parts it depends on, otherwise in their given order."""
+    names = {p.name for p in parts}
+    placed: set[str] = set()
+    ordered: list[Part] = []
+    pending = list(parts)
+    while pending:
+        ready = next((p for p in pending if all(d in placed or d not in names for d in p.deps)), None)
+        if ready is None:
+            raise ValueError(f"circular dependencies among parts: {[p.name for p in pending]}")
+        pending.remove(ready)
+        ordered.append(ready)
+        placed.add(ready.name)
+    return ordered
+
+
+def export_imagenet(cfg: RunConfig, path: Path) -> Path:
+    """torchvision's ImageNet MobileNetV2, cut to the run's ``out_indices``, as an exported backbone."""
+    from xlearner.models.backbone import Backbone
+    from xlearner.models.export import save_backbone
+
+    backbone = Backbone(cfg.backbone.model_copy(update={"weights": Path("imagenet")}))
+    return save_backbone(path, backbone.state_dict(), cfg.backbone.model_copy(update={"weights": None}))
 
 
 def load_config_like(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -185,6 +277,10 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
     print(f"[xlearner run] preset '{cfg.name}' -> {out}  (config {cfg.digest()})")
     print(f"[xlearner run] fetching data: {', '.join(needed)}")
     fetch(needed)
+    if cfg.backbone.imagenet or (cfg.baselines.imagenet and imagenet_compatible(cfg)):
+        from xlearner.data.pretrained import fetch_imagenet_weights
+
+        print(f"[xlearner run] ImageNet MobileNetV2 weights: {fetch_imagenet_weights()}")
 
     parts, methods = build_parts(cfg, out, ablation)
     _write_json(out / "methods.json", methods)

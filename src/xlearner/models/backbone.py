@@ -9,7 +9,15 @@ those of ``timm.create_model(name, num_classes=0, **kwargs)`` (or
 
 Supported: CNNs whose feature stages are a sequential chain of top-level children (or of
 the items of one top-level ``nn.Sequential``): timm ResNet/ResNeXt/ResNet-D family,
-RegNet, EfficientNet, MobileNetV3, ConvNeXt; torchvision ResNets via ``tv:<name>``.
+RegNet, EfficientNet, MobileNetV3, ConvNeXt; torchvision ResNets and MobileNetV2 via ``tv:<name>``.
+
+``tv:mobilenet_v2`` is torchvision's model, chosen over timm's ``mobilenetv2_100`` because the
+one real pretrained file here (``weights: imagenet``, see ``xlearner.data.pretrained``) is
+torchvision's: its keys load as they are, with no hand-written key map, and an export loads
+strictly back into ``torchvision.models.mobilenet_v2()`` (classifier removed). Its feature
+points are the ends of ``features[1]``, ``[3]``, ``[6]``, ``[13]``, ``[17]`` (strides 2/4/8/16/32,
+timm's choice) and ``[18]`` (the 1280-channel last conv, stride 32): ``out_indices`` (1, 2, 3, 4)
+gives 24/32/96/320 channels, (1, 2, 3, 5) keeps the pretrained last conv as C5.
 Parts after the last returned feature stage (e.g. ``conv_head``, ``global_pool``, ``fc``)
 are dropped: they would never receive a gradient.
 """
@@ -29,6 +37,9 @@ TV_RESNETS = (
 )
 # torchvision ResNets have no feature_info: the same layout as timm's ResNet.
 _TV_FEATURE_INFO = [("relu", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
+TV_MOBILENETS = ("mobilenet_v2",)
+# torchvision MobileNetV2: ends of features[i] and their strides (features[18] = the 1x1 conv to 1280)
+_TV_MOBILENET_POINTS = [(1, 2), (3, 4), (6, 8), (13, 16), (17, 32), (18, 32)]
 
 
 def create_full_model(name: str, kwargs: dict | None = None) -> nn.Module:
@@ -38,8 +49,13 @@ def create_full_model(name: str, kwargs: dict | None = None) -> nn.Module:
         import torchvision
 
         arch = name[3:]
+        if arch in TV_MOBILENETS:
+            model = getattr(torchvision.models, arch)(weights=None, **kwargs)
+            model.classifier = nn.Identity()
+            return model
         if arch not in TV_RESNETS:
-            raise ValueError(f"tv:{arch} is not a torchvision ResNet; supported: {', '.join(TV_RESNETS)}")
+            raise ValueError(f"tv:{arch} is not a supported torchvision model; supported: "
+                             f"{', '.join(TV_RESNETS + TV_MOBILENETS)}")
         model = getattr(torchvision.models, arch)(weights=None, **kwargs)
         model.fc = nn.Identity()
         return model
@@ -49,6 +65,9 @@ def create_full_model(name: str, kwargs: dict | None = None) -> nn.Module:
 
 
 def _feature_info(model: nn.Module, name: str) -> list[dict]:
+    if name[3:] in TV_MOBILENETS and name.startswith("tv:"):
+        return [{"module": f"features.{i}", "reduction": r, "num_chs": int(model.features[i].out_channels)}
+                for i, r in _TV_MOBILENET_POINTS]
     if name.startswith("tv:"):
         chs = [model.conv1.out_channels] + [_last_channels(getattr(model, f"layer{i}")[-1]) for i in range(1, 5)]
         return [{"module": m, "reduction": r, "num_chs": c} for (m, r), c in zip(_TV_FEATURE_INFO, chs)]
@@ -113,7 +132,10 @@ class Backbone(nn.Module):
         self.channels: list[int] = [int(info[i]["num_chs"]) for i in cfg.out_indices]
         self.strides: list[int] = [int(info[i]["reduction"]) for i in cfg.out_indices]
         if cfg.weights is not None:
-            load_initial_weights(self, cfg.weights, partial=cfg.weights_partial)
+            if str(cfg.weights) == IMAGENET:
+                load_imagenet_weights(self)
+            else:
+                load_initial_weights(self, cfg.weights, partial=cfg.weights_partial)
 
     def run_stages(self, x: Tensor, start: int, stop: int) -> list[Tensor]:
         """Outputs of stages ``start..stop-1`` (0-based) applied in turn to ``x``."""
@@ -125,6 +147,25 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.run_stages(x, 0, len(self.stages))
+
+
+IMAGENET = "imagenet"
+"""``backbone.weights: imagenet``: torchvision's ImageNet MobileNetV2 (fetched, sha256-checked)."""
+
+
+def load_imagenet_weights(backbone: Backbone) -> None:
+    """Every tensor of the backbone from torchvision's ImageNet MobileNetV2; a missing one is an error."""
+    from xlearner.data.pretrained import IMAGENET_ARCH, fetch_imagenet_weights
+
+    if backbone.cfg.name != IMAGENET_ARCH:
+        raise ValueError(f"backbone.weights: imagenet holds torchvision's MobileNetV2; it needs backbone.name: "
+                         f"{IMAGENET_ARCH}, not {backbone.cfg.name}")
+    path = fetch_imagenet_weights()
+    report = load_initial_weights(backbone, path)
+    if report["missing"]:
+        raise ValueError(f"backbone.weights: imagenet ({path}) lacks {len(report['missing'])} tensors of "
+                         f"{backbone.cfg.name} with kwargs {backbone.cfg.kwargs}, e.g. {report['missing'][:3]}: "
+                         f"the ImageNet weights fit only the standard width (no width_mult)")
 
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:

@@ -15,20 +15,29 @@ import torch
 from torch import Tensor
 
 from xlearner.config import BackboneConfig, ConfigError
-from xlearner.models.backbone import TV_RESNETS, Backbone, create_full_model
+from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
+
+
+def native_format(arch: str) -> str:
+    """The export format a backbone's keys belong to: torchvision for ``tv:mobilenet_v2`` (timm's
+    MobileNetV2 names its modules differently), timm for everything else."""
+    return "torchvision" if arch.startswith("tv:") and arch[3:] in TV_MOBILENETS else "timm"
 
 
 def _reference_state(format: str, arch: str, kwargs: dict) -> dict[str, Tensor]:
     base = arch[3:] if arch.startswith("tv:") else arch
     if format == "torchvision":
-        if base not in TV_RESNETS:
-            raise ValueError(f"torchvision format is only for the standard torchvision ResNets "
-                             f"({', '.join(TV_RESNETS)}); {arch!r} is not one: use --format timm")
+        if base not in TV_RESNETS + TV_MOBILENETS:
+            raise ValueError(f"torchvision format is only for the standard torchvision ResNets and MobileNetV2 "
+                             f"({', '.join(TV_RESNETS + TV_MOBILENETS)}); {arch!r} is not one: use --format timm")
         if kwargs and not arch.startswith("tv:"):
             raise ValueError(f"{arch} was built with timm kwargs {kwargs}, which torchvision.models.{base}() cannot "
                              f"express: use --format timm")
         return create_full_model(f"tv:{base}", kwargs).state_dict()
     if format == "timm":
+        if base in TV_MOBILENETS:
+            raise ValueError(f"{arch} has torchvision key names (timm's MobileNetV2 is mobilenetv2_100, with other "
+                             f"names): use --format torchvision")
         if arch.startswith("tv:") and kwargs:
             raise ValueError(f"{arch} was built with torchvision kwargs {kwargs}: use --format torchvision")
         return create_full_model(base, kwargs).state_dict()
@@ -94,7 +103,7 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     return cfg, backbone
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, format: str = "timm",
+def export_run(run_dir: str | Path, out: str | Path | None = None, format: str | None = "timm",
                branch: str | None = None) -> Path:
     """Write the backbone of a run folder (the product of `xlearner train`) alone, under library key names."""
     from safetensors.torch import load_file
@@ -118,7 +127,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str =
     if stage == "expansion" and not any(k.startswith(prefix) for k in state):
         have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
         raise ConfigError(f"export: expansion run has no {branch!r} branch; branches: {have}")
-    fmt = format or "timm"
+    fmt = format or native_format(bcfg.name)  # None: the library the keys belong to
     try:
         tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
     except ValueError as exc:

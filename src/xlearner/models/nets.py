@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from xlearner.config import BackboneConfig
 from xlearner.models.backbone import Backbone
 from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead
-from xlearner.models.reconciliation import Reconciliation
+from xlearner.models.reconciliation import MultiStageReconciliation, Reconciliation
 
 
 @dataclass
@@ -171,3 +171,48 @@ class ExpandedNet(nn.Module):
         counts["task_heads"] = count_parameters(self.task_heads)
         counts["total"] = count_parameters(self)
         return counts
+
+
+class MultiStageExpandedNet(ExpandedNet):
+    """ExpandedNet whose reconciliation at stage s reads stages 1..s of every other branch
+    (``expansion.reconcile_from: all``), as gv-benchmark's cross layers do:
+    f_t,s <- f_t,s + sum_{u != t} R_{t<-u}(f_u,1 .. f_u,s), each earlier stage resampled to stage s
+    (``MultiStageReconciliation``; zero at initialisation). f_u,j for j < s is branch u's feature
+    as it went on (after its own update at stage j); f_u,s is taken before the update."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for s in self.reconcile_after:
+            self.reconcilers[f"s{s}"] = nn.ModuleDict({
+                f"{t}_from_{u}": MultiStageReconciliation(self.channels[:s], self.strides[:s],
+                                                          self.channels[s - 1], self.strides[s - 1])
+                for t in self.tasks for u in self.tasks if u != t})
+
+    def _run(self, images: Tensor, keep: list[str]) -> dict[str, list[Tensor]]:
+        last = self.last_shared_stage
+        x = {t: images for t in (self.tasks if last else keep)}
+        history: dict[str, list[Tensor]] = {t: [] for t in x}
+        outs: dict[str, list[Tensor]] = {t: [] for t in keep}
+        for i in range(self.num_stages):
+            stage = i + 1
+            running = list(x) if stage <= last else keep
+            x = {t: self.backbones[t].stages[i](x[t]) for t in running}
+            if stage in self.reconcile_after:
+                rs = self.reconcilers[f"s{stage}"]
+                updated = dict(x)
+                for t in (keep if stage == last else self.tasks):
+                    update = 0
+                    for u in self.tasks:
+                        if u != t:
+                            fu = history[u] + [x[u]]
+                            if self.detach_others:
+                                fu = [f.detach() for f in fu]
+                            update = update + rs[f"{t}_from_{u}"](fu)
+                    updated[t] = x[t] + update
+                x = updated
+            if stage < last:
+                for t in x:
+                    history[t].append(x[t])
+            for t in keep:
+                outs[t].append(x[t])
+        return outs

@@ -69,7 +69,14 @@ def build_stage_module(cfg: RunConfig, stage: str, specs: list, out_dir: Path | 
         teacher_dir = resolve_teacher_dir(cfg.squeeze.teacher, default)
         teacher, _, _ = load_teacher(teacher_dir)
         print(f"squeeze: teacher {teacher_dir}", flush=True)
-        return SqueezeStage(cfg, specs, teacher)
+        generalist = None
+        if cfg.squeeze.generalist:
+            from xlearner.stages.squeeze import load_generalist, resolve_generalist_dir
+
+            g_dir = resolve_generalist_dir(cfg.squeeze.generalist, out_dir.parent / "msmt" if out_dir is not None else None)
+            generalist = load_generalist(g_dir)
+            print(f"squeeze: generalist teacher {g_dir}", flush=True)
+        return SqueezeStage(cfg, specs, teacher, generalist)
     from xlearner.stages.baselines import BaselineStage
 
     return BaselineStage(cfg, specs)

@@ -17,13 +17,14 @@ from xlearner.stages.common import net_parts, predict, task_loss
 def build_expanded_net(cfg: RunConfig, specs: list) -> nn.Module:
     """The ExpandedNet of ``cfg`` (tasks of ``specs``), with fresh TaskHeads."""
     from xlearner.models.backbone import Backbone
-    from xlearner.models.nets import ExpandedNet, TaskHeads
+    from xlearner.models.nets import ExpandedNet, MultiStageExpandedNet, TaskHeads
 
     probe = Backbone(cfg.backbone.model_copy(update={"weights": None}))  # channels/strides only
     tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in specs)]
     heads = TaskHeads(specs, probe.channels, probe.strides, cfg.fpn_channels)
     del probe
-    return ExpandedNet(cfg.backbone, tasks, heads, reconcile_after=list(cfg.expansion.reconcile_after),
+    cls = MultiStageExpandedNet if cfg.expansion.reconcile_from == "all" else ExpandedNet
+    return cls(cfg.backbone, tasks, heads, reconcile_after=list(cfg.expansion.reconcile_after),
                        detach_others=cfg.expansion.detach_others,
                        reconciliation=cfg.expansion.reconciliation)
 

@@ -17,6 +17,18 @@ Losses of one step (named as the trainer logs them):
 - ``"kd/<source>"`` (cls sources, when ``kd_weight`` > 0): ``kd_weight`` x T^2 x
   KL(softmax(teacher/T) || softmax(student/T)) (batch mean).
 
+Levers (each a ``squeeze`` option, default = the behaviour above; see docs/levers.md):
+- ``distill_teachers: all`` (URL's multi-teacher distillation): on every source's images, every
+  adapter A_u is pulled towards teacher branch u (``teacher.all_branch_features``), so
+  ``"distill/<u>"`` averages over every batch, not only the batches of task u;
+- ``distill_loss``: ``l2`` (above), ``cosine`` (1 - cos of each image's whole map) or ``cka``
+  (1 - linear CKA between student and teacher, pixels of the batch as samples);
+- ``teacher_bn: source``: the teacher (and the generalist) normalise a batch of source k with
+  precise-BN statistics estimated once on source k's training images, instead of batch statistics;
+- ``generalist`` (Representation Consolidation): a single-backbone run (e.g. the MSMT baseline) as
+  an extra teacher on every batch, through its own adapters: ``"distill/generalist"``, weight
+  ``generalist_weight``.
+
 The teacher and the adapters are not part of the product: ``product()`` is the student
 SharedNet alone. The teacher is kept outside the module tree (so it is neither optimised,
 nor saved in checkpoints, nor switched to train mode) but follows ``.to()``/``.cuda()``.
@@ -113,12 +125,15 @@ def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
     return SharedNet(backbone, heads)
 
 
-def _dirac_conv(channels: int) -> nn.Conv2d:
-    conv = nn.Conv2d(channels, channels, 1)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, :, 0, 0].copy_(torch.eye(channels))
-        conv.bias.zero_()
+def _dirac_conv(channels: int, out_channels: int | None = None) -> nn.Conv2d:
+    """1x1 adapter, the identity at init (a plain init when the teacher's width differs)."""
+    out_channels = out_channels or channels
+    conv = nn.Conv2d(channels, out_channels, 1)
+    if out_channels == channels:
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, :, 0, 0].copy_(torch.eye(channels))
+            conv.bias.zero_()
     return conv
 
 
@@ -131,22 +146,123 @@ def feature_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return (s - t).pow(2).sum(1).mean()
 
 
+def cosine_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Batch mean of 1 - cos between each image's whole (C, H, W) student and teacher maps.
+
+    Unlike ``l2`` (per pixel, every pixel weighs the same), pixels with larger teacher
+    activations weigh more; in [0, 2]."""
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    return (1 - F.cosine_similarity(student.float().flatten(1), teacher.float().flatten(1), dim=1)).mean()
+
+
+def cka_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """1 - linear CKA (Kornblith et al. 2019) between the maps, every pixel of the batch a sample.
+
+    With X (n, c) and Y (n, d) column-centred, CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F):
+    invariant to rotations and isotropic scaling of either side; in [0, 1]."""
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    x = student.float().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+    y = teacher.float().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    cross = (y.T @ x).pow(2).sum()
+    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return 1 - cross / norm.clamp_min(1e-12)
+
+
+DISTILL_LOSSES = {"l2": feature_distill_loss, "cosine": cosine_distill_loss, "cka": cka_distill_loss}
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     t = temperature
     return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean") * (t * t)
 
 
+# ----------------------------------------------------------------------------- levers
+def resolve_generalist_dir(value: str, default: Path | None = None) -> Path:
+    """``squeeze.generalist``: ``msmt`` (the MSMT baseline beside this run: ``default``) or a run folder."""
+    p = default if value == "msmt" and default is not None else Path(value)
+    if not (p / "run.json").is_file() or not (p / "model.safetensors").is_file():
+        hint = " (in `xlearner run` it is the run's msmt baseline, trained first)" if value == "msmt" else ""
+        raise ConfigError(f"squeeze.generalist={value}: expected a run folder holding run.json and model.safetensors "
+                          f"at {p}{hint}; train one with `xlearner train CONFIG --stage msmt --out {p}`")
+    return p
+
+
+def load_generalist(run_dir: Path) -> nn.Module:
+    """The backbone of a single-backbone run (MSMT, MSST, SSST, squeeze), frozen: a generalist teacher."""
+    from safetensors.torch import load_file
+
+    from xlearner.models.backbone import Backbone
+
+    info = json.loads((run_dir / "run.json").read_text())
+    if info.get("stage") == "expansion":
+        raise ConfigError(f"squeeze.generalist={run_dir} is an expansion run; the generalist is one backbone "
+                          f"trained on every source, e.g. the msmt baseline")
+    gcfg = RunConfig.model_validate(info["config"])
+    backbone = Backbone(gcfg.backbone.model_copy(update={"weights": None}))
+    state = {k[len("backbone."):]: v for k, v in load_file(str(run_dir / "model.safetensors")).items()
+             if k.startswith("backbone.")}
+    backbone.load_state_dict(state, strict=True)
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+def batchnorms(*nets: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for net in nets for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def precise_bn_statistics(run, bns: list, batches) -> list[tuple[Tensor, Tensor]]:
+    """Precise BN: every BN's running mean/var as the equal-weight average over ``batches`` (the
+    layers below normalising with batch statistics while they are gathered). ``run(images)``
+    runs the nets owning ``bns``. The BNs' own momentum and mode are restored."""
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    n = 0
+    for images in batches:
+        run(images)
+        n += 1
+    if n == 0:
+        raise ValueError("precise BN: no batch to estimate the statistics on")
+    stats = [(m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone()) for m in bns]
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return stats
+
+
+@torch.no_grad()
+def use_statistics(bns: list, stats: list[tuple[Tensor, Tensor]]) -> None:
+    """Normalise with the given stored statistics (eval-mode BN)."""
+    for m, (mean, var) in zip(bns, stats):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.eval()
+
+
 # ----------------------------------------------------------------------------- stage
 class SqueezeStage(nn.Module):
-    def __init__(self, cfg: RunConfig, specs: list, teacher: nn.Module):
+    def __init__(self, cfg: RunConfig, specs: list, teacher: nn.Module, generalist: nn.Module | None = None):
         super().__init__()
+        self.cfg = cfg
         self.specs = {s.name: s for s in specs}
         self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in specs)]
         sq = cfg.squeeze
         self.distill_weight = float(sq.distill_weight)
         self.kd_weight = float(sq.kd_weight)
         self.temperature = float(sq.kd_temperature)
+        self.distill_fn = DISTILL_LOSSES[sq.distill_loss]
+        self.teacher_bn = sq.teacher_bn
+        self.generalist_weight = float(sq.generalist_weight)
         self.student = build_student(cfg, specs, teacher)
         n_feats = len(self.student.backbone.channels)
         bad = [i for i in sq.distill_stages if not 1 <= i <= n_feats]
@@ -158,20 +274,83 @@ class SqueezeStage(nn.Module):
         if missing and self.distill_weight > 0:
             raise ConfigError(f"squeeze: the expansion model has no branch for tasks {missing}; "
                               f"train the expansion stage on the same sources")
+        # which teacher branches a batch of task t is distilled from
+        self.all_teachers = sq.distill_teachers == "all"
+        branches = list(teacher.backbones.keys()) if self.all_teachers else self.tasks
         chans = self.student.backbone.channels
         # adapters exist only when used: an unused parameter would stall DDP
         self.adapters = nn.ModuleDict({
-            t: nn.ModuleList(_dirac_conv(chans[i - 1]) for i in self.distill_stages) for t in self.tasks
+            t: nn.ModuleList(_dirac_conv(chans[i - 1]) for i in self.distill_stages) for t in branches
         }) if self.distill_weight > 0 and self.distill_stages else nn.ModuleDict()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, unsaved, not optimised
         teacher.eval()
-        use_batch_statistics(teacher)
+        object.__setattr__(self, "generalist", generalist if self.generalist_weight > 0 else None)
+        if generalist is not None and self.generalist is None:
+            print("squeeze: generalist_weight is 0: the generalist teacher is not used", flush=True)
+        self.generalist_adapters = nn.ModuleList()
+        if self.generalist is not None and self.distill_stages:
+            g_chans = self.generalist.channels
+            if len(g_chans) != n_feats:
+                raise ConfigError(f"squeeze.generalist has {len(g_chans)} feature stages, the student {n_feats}: "
+                                  f"use a run of the same backbone architecture")
+            self.generalist_adapters = nn.ModuleList(_dirac_conv(chans[i - 1], g_chans[i - 1])
+                                                     for i in self.distill_stages)
+        self._source_stats: dict[str, list] | None = None
+        if self.teacher_bn == "batch":
+            use_batch_statistics(teacher)
+            if self.generalist is not None:
+                use_batch_statistics(self.generalist)
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(device) / .half() ... also move the (unregistered) teacher
+        # .to(device) / .half() ... also move the (unregistered) teacher and generalist
         super()._apply(fn, *args, **kwargs)
         self.teacher._apply(fn, *args, **kwargs)
+        if self.generalist is not None:
+            self.generalist._apply(fn, *args, **kwargs)
         return self
+
+    def _frozen_nets(self) -> list[nn.Module]:
+        return [self.teacher] + ([self.generalist] if self.generalist is not None else [])
+
+    def _run_frozen(self, images: Tensor) -> None:
+        self.teacher.all_branch_features(images)
+        if self.generalist is not None:
+            self.generalist(images)
+
+    def estimate_source_statistics(self, device: torch.device | None = None, loaders: dict | None = None) -> None:
+        """``teacher_bn: source``: precise-BN statistics of the teacher (and generalist) per source, on
+        ``teacher_bn_batches`` batches of its training images (resized, not augmented). ``loaders``
+        (source -> iterable of batches with "images") replaces the source's own data."""
+        import itertools
+
+        from xlearner.data.loader import eval_loader
+        from xlearner.stages.common import build_source, spread_subset
+
+        n = self.cfg.squeeze.teacher_bn_batches
+        bns = batchnorms(*self._frozen_nets())
+        stats = {}
+        for name in self.specs:
+            if loaders is not None:
+                loader = loaders[name]
+            else:
+                src = self.cfg.source(name)
+                data = spread_subset(build_source(src, "train"), n * src.batch_size)
+                loader = eval_loader(data, src.task, self.cfg.size_of(src), src.batch_size)
+            batches = (b["images"].to(device) if device is not None else b["images"]
+                       for b in itertools.islice(loader, n))
+            stats[name] = precise_bn_statistics(self._run_frozen, bns, batches)
+        self._source_stats = stats
+
+    def _teacher_for(self, source: str, device: torch.device) -> None:
+        if self.teacher_bn != "source":
+            return
+        if self._source_stats is None:
+            self.estimate_source_statistics(device)
+        use_statistics(batchnorms(*self._frozen_nets()), self._source_stats[source])
+
+    def _distill(self, adapters: nn.ModuleList, feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+        per_stage = [self.distill_fn(adapters[j](feats[i - 1]), t_feats[i - 1]) for j, i in enumerate(self.distill_stages)]
+        return torch.stack(per_stage).mean()
 
     def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
         necks, heads = net_parts(self.student)
@@ -185,20 +364,29 @@ class SqueezeStage(nn.Module):
             neck_out = necks[task](feats)
             losses[source] = task_loss(task, heads[source], neck_out, b)
             use_kd = self.kd_weight > 0 and task == "cls" and source in t_heads
-            if not self.adapters and not use_kd:
+            use_generalist = bool(len(self.generalist_adapters))
+            if not self.adapters and not use_kd and not use_generalist:
                 continue
-            with torch.no_grad():
-                t_feats = self.teacher.branch_features(images, task)
-            if self.adapters:
-                per_stage = [feature_distill_loss(self.adapters[task][j](feats[i - 1]), t_feats[i - 1])
-                             for j, i in enumerate(self.distill_stages)]
-                distill.setdefault(task, []).append(torch.stack(per_stage).mean())
+            self._teacher_for(source, images.device)
+            if self.adapters or use_kd:
+                with torch.no_grad():
+                    if self.all_teachers and self.adapters:
+                        t_all = self.teacher.all_branch_features(images)
+                    else:
+                        t_all = {task: self.teacher.branch_features(images, task)}
+            for u in (t_all if self.adapters else ()):
+                distill.setdefault(u, []).append(self._distill(self.adapters[u], feats, t_all[u]))
+            if use_generalist:
+                with torch.no_grad():
+                    g_feats = self.generalist(images)
+                distill.setdefault("generalist", []).append(self._distill(self.generalist_adapters, feats, g_feats))
             if use_kd:
                 with torch.no_grad():
-                    t_logits = t_heads[source](t_necks[task](t_feats))
+                    t_logits = t_heads[source](t_necks[task](t_all[task]))
                 losses[f"kd/{source}"] = self.kd_weight * kd_loss(heads[source](neck_out), t_logits, self.temperature)
-        for task, items in distill.items():
-            losses[f"distill/{task}"] = self.distill_weight * torch.stack(items).mean()
+        for key, items in distill.items():
+            weight = self.generalist_weight if key == "generalist" else self.distill_weight
+            losses[f"distill/{key}"] = weight * torch.stack(items).mean()
         return losses
 
     def predict(self, images: Tensor, source: str):
@@ -210,11 +398,15 @@ class SqueezeStage(nn.Module):
         return self.student.backbone(images)
 
     def run_teacher(self, images: Tensor, task: str):
-        return self.teacher.branch_features(images, task)
+        """What the frozen nets cost for a batch of task ``task`` (FLOP counting)."""
+        out = self.teacher.all_branch_features(images) if self.all_teachers else self.teacher.branch_features(images, task)
+        if len(self.generalist_adapters):
+            out = (out, self.generalist(images))
+        return out
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.adapters) or self.kd_weight > 0
+        return bool(self.adapters) or self.kd_weight > 0 or bool(len(self.generalist_adapters))
 
     def product(self) -> nn.Module:
         return self.student

@@ -64,7 +64,7 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
         if export is None or not hasattr(export, "export_run"):
             raise ConfigError(f"backbone {path} is a folder: export it first with `xlearner export {path} --out FILE`")
         tmp = Path(tempfile.mkdtemp()) / "backbone.safetensors"
-        export.export_run(path, tmp, format="timm")
+        export.export_run(path, tmp, format=None)  # timm, or torchvision for tv:mobilenet_v2
         path = tmp
     from xlearner.models.backbone import WEIGHTS_SUFFIXES, Backbone, WeightsError
 
