@@ -77,6 +77,23 @@ def decode_mask(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def map_mask_labels(mask: torch.Tensor, cfg: SourceConfig) -> torch.Tensor:
+    """The source's mask convention -> class indices: ``reduce_zero_label`` (0 -> 255, k -> k-1)
+    or ``label_map`` (value -> index, unlisted values kept), as a lookup table over the mask."""
+    if not cfg.reduce_zero_label and not cfg.label_map:
+        return mask
+    n = max(256, int(mask.max()) + 1 if mask.numel() else 0)
+    lut = torch.arange(n, dtype=torch.int64)
+    if cfg.reduce_zero_label:
+        lut[1:] -= 1
+        lut[0] = IGNORE_INDEX
+        lut[IGNORE_INDEX] = IGNORE_INDEX  # a value already marked ignore stays ignore
+    for k, v in (cfg.label_map or {}).items():
+        if k < n:
+            lut[k] = v
+    return lut[mask]
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
@@ -189,8 +206,11 @@ class RecordSource(Dataset):
         if self.task == "cls":
             return image, {"label": int(r.target["label"])}
         if self.task == "det":
-            return image, {"boxes": r.target["boxes"].clone(), "labels": r.target["labels"].clone()}
-        mask = decode_mask(r.mask)
+            out = {"boxes": r.target["boxes"].clone(), "labels": r.target["labels"].clone()}
+            if "image_id" in r.target:  # COCO: scoring against the annotation file needs it
+                out["image_id"] = r.target["image_id"]
+            return image, out
+        mask = map_mask_labels(decode_mask(r.mask), self.cfg)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
                                  f"{tuple(image.shape[-2:])}; re-export the mask at the image size [record: {r.where}]")
@@ -354,9 +374,14 @@ def _det_target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.
 class CocoSource(RecordSource):
     """COCO JSON: bbox xywh -> xyxy; category ids -> contiguous 0..K-1 in sorted-id order.
 
-    ``category_ids[k]`` is the original id of contiguous class k (for reports). Images without
-    annotations are kept (no boxes); ``iscrowd`` annotations are ignored. Any bad annotation
-    marks its whole image bad, so an object is never silently turned into background.
+    ``category_ids[k]`` is the original id of contiguous class k (for reports and for results
+    written against the file). Images without annotations are kept (no boxes). ``iscrowd``
+    annotations are not training targets (a crowd box is no single object; detectron2 and
+    mmdetection ignore them too) but stay in the file, which is what evaluation scores against:
+    ``coco_file`` is this split's annotation file and every target carries its ``image_id``, so
+    pycocotools sees the crowd regions, COCO's own areas and the image ids as given
+    (``metrics.DetEvaluator``). Any bad annotation marks its whole image bad, so an object is
+    never silently turned into background.
     """
 
     task = "det"
@@ -380,13 +405,15 @@ class CocoSource(RecordSource):
                                      f"file declares {len(names)} categories; make them match")
             names = list(self.cfg.class_names)
         self.class_names = names
+        self.coco_file = Path(path)
+        self.num_crowd = 0
         records: dict[int, Record] = {}
         sizes: dict[int, tuple[float | None, float | None]] = {}
         for img in data["images"]:
             iid = int(img["id"])
             file = root / img["file_name"]
             rec = Record(file, f"{path} image id {iid} ({img['file_name']})",
-                         {"boxes": [], "labels": []})
+                         {"boxes": [], "labels": [], "image_id": iid})
             if not file.is_file():
                 rec.problems.append(f"{rec.where}: image file {file} is missing; restore it or remove the image "
                                     f"and its annotations from the JSON")
@@ -403,6 +430,7 @@ class CocoSource(RecordSource):
                 continue
             rec = records[iid]
             if ann.get("iscrowd", 0):
+                self.num_crowd += 1  # scored from the file, never a training target
                 continue
             cid = ann.get("category_id")
             if cid not in contiguous:
@@ -423,7 +451,7 @@ class CocoSource(RecordSource):
         out = []
         for iid in sorted(records):
             rec = records[iid]
-            rec.target = _det_target(rec.target["boxes"], rec.target["labels"])
+            rec.target = {**_det_target(rec.target["boxes"], rec.target["labels"]), "image_id": iid}
             out.append(rec)
         return out + orphans
 
