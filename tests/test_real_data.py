@@ -259,3 +259,29 @@ def test_keep_ratio_training_pads_with_ignore_and_keeps_boxes_in_the_image():
         out, t = det(img, {"boxes": torch.tensor([[50.0, 5.0, 70.0, 25.0]]), "labels": torch.tensor([1])})
         x1, y1, x2, y2 = t["boxes"][0].tolist()
         assert y2 <= 15 + 1e-4 and x2 - x1 == pytest.approx(10, abs=1e-4)  # ratio kept: 80x30 -> 40x15
+
+
+def test_coco_index_cache_is_reused_and_keyed_by_size_and_mtime(tmp_path, monkeypatch):
+    from xlearner.data import readers
+
+    monkeypatch.setenv("XLEARNER_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(readers, "INDEX_CACHE_MIN_BYTES", 0)  # cache even this small file
+    ann = write_coco(tmp_path, "train2017", [(36, 60), (64, 40)], 8)
+    cfg = SourceConfig(name="coco", task="det", format="coco", root=tmp_path / "train2017", annotations=ann,
+                       val_fraction=0.0)
+    first = CocoSource(cfg, "train")
+    assert len(list((tmp_path / "home" / "index").glob("coco-*.npz"))) == 1
+    parse = readers._parse_coco
+    monkeypatch.setattr(readers, "_parse_coco", lambda p: pytest.fail("parsed again despite the cache"))
+    again = CocoSource(cfg, "train")
+    assert [r.where for r in again.records] == [r.where for r in first.records]
+    for a, b in zip(again.records, first.records):
+        assert torch.equal(a.target["boxes"], b.target["boxes"]) and a.target["image_id"] == b.target["image_id"]
+    assert again.num_crowd == first.num_crowd == 2 and again.category_ids == [1, 3, 18]
+    # an edited file (new size and mtime) is parsed again, never served from the old entry
+    data = json.loads(ann.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != data["images"][0]["id"]]
+    ann.write_text(json.dumps(data))
+    monkeypatch.setattr(readers, "_parse_coco", parse)
+    edited = CocoSource(cfg, "train")
+    assert len(edited.records[0].target["boxes"]) == 0 and len(first.records[0].target["boxes"]) == 2

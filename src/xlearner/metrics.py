@@ -135,9 +135,9 @@ def load_coco(path: str | Path):
     return _load_coco_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int]) -> dict[str, float]:
+def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int]) -> dict[str, float | None]:
     """pycocotools bbox evaluation of ``results`` on ``img_ids`` of ``coco_gt``: AP, AP50, AP75, APs,
-    APm, APl (maxDets 100). AP/AP50/AP75 are 0.0 without detections; APs/APm/APl are NaN when
+    APm, APl (maxDets 100). AP/AP50/AP75 are 0.0 without detections; APs/APm/APl are None when
     no ground truth of that size is among the images (pycocotools says -1)."""
     from pycocotools.cocoeval import COCOeval
 
@@ -154,7 +154,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int]) -> dict[str,
     out = {}
     for k, v in zip(COCO_STATS, ev.stats[:6]):
         v = float(v)
-        out[k] = max(v, 0.0) if k in ("mAP", "AP50", "AP75") else (v if v >= 0 else math.nan)
+        out[k] = max(v, 0.0) if k in ("mAP", "AP50", "AP75") else (v if v >= 0 else None)
     return out
 
 
