@@ -67,9 +67,8 @@ def write_ade(root: Path, split: str, sizes: list[tuple[int, int]], seed: int = 
     return root / "images" / split, root / "annotations" / split
 
 
-@pytest.fixture(scope="module")
-def real_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("real")
+def write_real_data(root: Path) -> dict:
+    """ImageNet-, COCO- and ADE20K-shaped data under ``root``; the template's source paths to it."""
     for split, n in (("train", 4), ("val", 2)):
         for c, wnid in enumerate(["n01440764", "n01443537", "n01484850"]):
             for j in range(n):
@@ -85,6 +84,11 @@ def real_data(tmp_path_factory) -> dict:
         "coco.root": coco / "train2017", "coco.annotations": train_ann,
         "coco.val_root": coco / "val2017", "coco.val_annotations": val_ann,
         "ade20k.root": tr_img, "ade20k.masks": tr_mask, "ade20k.val_root": va_img, "ade20k.val_masks": va_mask}}
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory) -> dict:
+    return write_real_data(tmp_path_factory.mktemp("real"))
 
 
 def small_template(real_data: dict, extra: list[str] = ()):
