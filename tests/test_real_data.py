@@ -238,8 +238,10 @@ def test_label_map_and_option_errors(tmp_path):
                      label_map={0: 255}, reduce_zero_label=True)
     with pytest.raises(ValueError, match="keep_ratio applies to det/seg"):
         SourceConfig(name="c", task="cls", format="imagefolder", root=img_dir, resize="keep_ratio")
-    with pytest.raises(ValueError, match="reduce_zero_label/label_map apply to seg"):
+    with pytest.raises(ValueError, match="reduce_zero_label/label_map apply to the masks of a maskfolder"):
         SourceConfig(name="c", task="cls", format="imagefolder", root=img_dir, reduce_zero_label=True)
+    with pytest.raises(ValueError, match="remove them from this embedded seg source"):
+        SourceConfig(name="e", task="seg", format="embedded", dataset="composed_seg_glyphs", label_map={1: 0})
     embedded = SourceConfig(name="e", task="det", format="embedded", dataset="composed_det_glyphs")
     assert embedded.resize_mode == "square" and not embedded.scored_as_published
 
@@ -289,3 +291,13 @@ def test_coco_index_cache_is_reused_and_keyed_by_size_and_mtime(tmp_path, monkey
     monkeypatch.setattr(readers, "_parse_coco", parse)
     edited = CocoSource(cfg, "train")
     assert len(edited.records[0].target["boxes"]) == 0 and len(first.records[0].target["boxes"]) == 2
+
+
+def test_reduce_zero_label_follows_ade20k_convention():
+    from xlearner.data.readers import map_mask_labels
+
+    fields = dict(task="seg", format="maskfolder", root="i", masks="m", class_names=["x"])
+    raw = torch.tensor([[0, 1, 2], [150, 255, 7]])
+    reduced = map_mask_labels(raw, SourceConfig(name="a", reduce_zero_label=True, **fields))
+    assert reduced.tolist() == [[255, 0, 1], [149, 255, 6]]  # 0 = other and 255 stay ignored
+    assert map_mask_labels(raw, SourceConfig(name="b", **fields)) is raw

@@ -114,9 +114,9 @@ class SourceConfig(_Strict):
     ``image_size`` x ``image_size``. None: keep_ratio for det/seg data a user brings (coco, voc,
     maskfolder), square for embedded sources (their composed scenes are square already)."""
     reduce_zero_label: bool = False
-    """seg: masks use 0 for "other" and 1..K for the classes (ADE20K): 0 -> 255 (ignore), k -> k-1."""
+    """maskfolder: masks use 0 for "other" and 1..K for the classes (ADE20K): 0 -> 255 (ignore), k -> k-1."""
     label_map: dict[int, int] | None = None
-    """seg: mask value -> class index (or 255 = ignore), for other mask conventions; unlisted values stay."""
+    """maskfolder: mask value -> class index (or 255 = ignore), for other mask conventions; unlisted values stay."""
 
     @model_validator(mode="after")
     def _check_format_fields(self) -> "SourceConfig":
@@ -136,9 +136,9 @@ class SourceConfig(_Strict):
         if self.resize == "keep_ratio" and self.task == "cls":
             raise ValueError(f"source '{self.name}': resize: keep_ratio applies to det/seg sources; "
                              f"remove it (cls images are cropped to a square)")
-        if (self.reduce_zero_label or self.label_map) and self.task != "seg":
-            raise ValueError(f"source '{self.name}': reduce_zero_label/label_map apply to seg masks; "
-                             f"remove them from this {self.task} source")
+        if (self.reduce_zero_label or self.label_map) and self.format != "maskfolder":
+            raise ValueError(f"source '{self.name}': reduce_zero_label/label_map apply to the masks of a "
+                             f"maskfolder source; remove them from this {self.format} {self.task} source")
         if self.reduce_zero_label and self.label_map:
             raise ValueError(f"source '{self.name}': give reduce_zero_label or label_map, not both "
                              f"(a label_map can also express the shift: {{0: 255, 1: 0, 2: 1, ...}})")
