@@ -253,7 +253,8 @@ def test_keep_ratio_training_pads_with_ignore_and_keeps_boxes_in_the_image():
     img[:, 5:25, 50:70] = 255
     mask = torch.zeros(30, 80, dtype=torch.int64)
     mask[5:25, 50:70] = 1
-    seg = build_transform("seg", 40, True, AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True), resize="keep_ratio")
+    seg = build_transform("seg", 40, True, AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True),
+                          resize="keep_ratio")
     det = build_transform("det", 40, True, AugmentConfig(hflip=True), resize="keep_ratio")
     for s in range(8):
         torch.manual_seed(s)
@@ -291,6 +292,7 @@ def test_coco_index_cache_is_reused_and_keyed_by_size_and_mtime(tmp_path, monkey
     monkeypatch.setattr(readers, "_parse_coco", parse)
     edited = CocoSource(cfg, "train")
     assert len(edited.records[0].target["boxes"]) == 0 and len(first.records[0].target["boxes"]) == 2
+    assert len(list((tmp_path / "home" / "index").glob("coco-*.npz"))) == 1  # the entry was replaced
 
 
 def test_reduce_zero_label_follows_ade20k_convention():

@@ -446,32 +446,35 @@ def _listing(folder: Path) -> set[str] | None:
 def coco_index(path: Path) -> dict[str, np.ndarray]:
     """The parsed content of a COCO file as arrays, from the index cache when the file is unchanged.
 
-    Cache: ``$XLEARNER_HOME/index/<hash of path, size, mtime>.npz`` (plain arrays, read with
-    ``allow_pickle=False``), for files of ``INDEX_CACHE_MIN_BYTES`` or more; a changed file
-    (size or mtime) gets a new entry. Nothing in it depends on the image folder or the config.
+    Cache: ``$XLEARNER_HOME/index/coco-<hash of the path>.npz`` (plain arrays, read with
+    ``allow_pickle=False``) for files of ``INDEX_CACHE_MIN_BYTES`` or more, holding the file's size
+    and mtime: an edited file (either changed) is parsed again and its entry replaced. Nothing in
+    it depends on the image folder or the config.
     """
     try:
         st = os.stat(path)
     except OSError as exc:
         raise BadSampleError(f"{path}: cannot read COCO JSON ({exc}); check the annotations path") from None
     cache = None
+    key = np.array([st.st_size, st.st_mtime_ns, INDEX_VERSION], dtype=np.int64)
     if st.st_size >= INDEX_CACHE_MIN_BYTES:
         from xlearner.data.embedded import xlearner_home
 
-        key = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{INDEX_VERSION}".encode())
-        cache = xlearner_home() / "index" / f"coco-{key.hexdigest()[:24]}.npz"
+        name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+        cache = xlearner_home() / "index" / f"coco-{name}.npz"
         if cache.is_file():
             try:
                 with np.load(cache, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
-            except Exception:  # a damaged cache is rebuilt
+                    if np.array_equal(z["key"], key):
+                        return {k: z[k] for k in z.files if k != "key"}
+            except Exception:  # a damaged entry is rebuilt
                 pass
     idx = _parse_coco(path)
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **idx)
+            np.savez(tmp, key=key, **idx)
             os.replace(tmp, cache)
         except OSError:
             pass  # a read-only cache only costs the next open its parse
