@@ -124,6 +124,15 @@ class SourceConfig(_Strict):
     """Overrides for composed embedded sources."""
     max_samples: int | None = Field(None, ge=1)
     """Use at most this many training records (deterministic subset) - for quick presets."""
+    resize: Literal["keep_ratio", "square"] | None = None
+    """det/seg: ``keep_ratio`` scales the longer side to ``image_size`` and pads to a square
+    (no distortion, as detectors and segmenters are trained and scored); ``square`` stretches to
+    ``image_size`` x ``image_size``. None: keep_ratio for det/seg data a user brings (coco, voc,
+    maskfolder), square for embedded sources (their composed scenes are square already)."""
+    reduce_zero_label: bool = False
+    """maskfolder: masks use 0 for "other" and 1..K for the classes (ADE20K): 0 -> 255 (ignore), k -> k-1."""
+    label_map: dict[int, int] | None = None
+    """maskfolder: mask value -> class index (or 255 = ignore), for other mask conventions; unlisted values stay."""
 
     @model_validator(mode="after")
     def _check_format_fields(self) -> "SourceConfig":
@@ -140,7 +149,34 @@ class SourceConfig(_Strict):
             raise ValueError(
                 f"source '{self.name}' (format {self.format}) needs {', '.join(missing)}"
             )
+        if self.resize == "keep_ratio" and self.task == "cls":
+            raise ValueError(f"source '{self.name}': resize: keep_ratio applies to det/seg sources; "
+                             f"remove it (cls images are cropped to a square)")
+        if (self.reduce_zero_label or self.label_map) and self.format != "maskfolder":
+            raise ValueError(f"source '{self.name}': reduce_zero_label/label_map apply to the masks of a "
+                             f"maskfolder source; remove them from this {self.format} {self.task} source")
+        if self.reduce_zero_label and self.label_map:
+            raise ValueError(f"source '{self.name}': give reduce_zero_label or label_map, not both "
+                             f"(a label_map can also express the shift: {{0: 255, 1: 0, 2: 1, ...}})")
+        bad = {k: v for k, v in (self.label_map or {}).items() if not (0 <= k and 0 <= v <= 255)}
+        if bad:
+            raise ValueError(f"source '{self.name}': label_map entries {bad} are out of range "
+                             f"(mask values >= 0 map to class indices 0..254 or 255 = ignore)")
         return self
+
+    @property
+    def resize_mode(self) -> str:
+        """The ``resize`` in force: the given one, else keep_ratio for user det/seg formats."""
+        if self.resize is not None:
+            return self.resize
+        return "keep_ratio" if self.task != "cls" and self.format != "embedded" else "square"
+
+    @property
+    def scored_as_published(self) -> bool:
+        """det/seg data a user brings is scored at each image's original size against its own
+        annotations (COCO: the annotation file itself); embedded sources keep their in-memory
+        scoring at the network's input size, so the embedded benchmark's numbers do not move."""
+        return self.task != "cls" and self.format != "embedded"
 
 
 class TrainConfig(_Strict):

@@ -195,11 +195,28 @@ class MultiSourceLoader:
             pass
 
 
+class _EvalCollate:
+    """The task's batch, plus ``meta`` (one dict per image) when the eval transform attached it."""
+
+    def __init__(self, task: str):
+        self.base = collate(task)
+
+    def __call__(self, samples: list) -> dict:
+        batch = self.base(samples)
+        if samples and "meta" in samples[0][1]:
+            batch["meta"] = [t["meta"] for _, t in samples]
+        return batch
+
+
 def eval_loader(dataset: Dataset, task: str, size: int, batch_size: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """Finite, unshuffled loader with the eval transform (resize + normalise), for validation/transfer."""
+                pin_memory: bool = False, resize: str = "square", original: bool = False) -> DataLoader:
+    """Finite, unshuffled loader with the eval transform (resize + normalise), for validation/transfer.
+
+    ``resize``: the source's mode (square | keep_ratio); ``original``: batches also carry ``meta``
+    for scoring at each image's original size (``metrics.DetEvaluator`` / ``SegEvaluator``)."""
     from xlearner.data.transforms import build_transform
 
-    return DataLoader(SeededTransformDataset(dataset, build_transform(task, size, train=False)),
+    tf = build_transform(task, size, train=False, resize=resize, original=original)
+    return DataLoader(SeededTransformDataset(dataset, tf),
                       batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                      pin_memory=pin_memory, collate_fn=collate(task))
+                      pin_memory=pin_memory, collate_fn=_EvalCollate(task))

@@ -17,8 +17,10 @@ any is given, otherwise it is the same records as ``val`` (attribute ``test_is_v
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +71,11 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 
 
 def decode_image(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W); grey, palette, RGBA, CMYK and 16-bit images are converted to RGB (see ``_to_rgb8``)."""
+    """uint8 (3, H, W); grey, palette, RGBA, CMYK and 16-bit images are converted to RGB (see ``_to_rgb8``).
+
+    The (3, H, W) view keeps the decoder's H, W, 3 memory order (as torchvision's pil_to_tensor
+    does): a transposing copy of a full image cost 40 % of a JPEG's decode-and-crop time, and the
+    transforms give the same pixels either way (their output is contiguous)."""
     try:
         with Image.open(path) as im:
             arr = _to_rgb8(im)
@@ -80,7 +86,7 @@ def decode_image(path: Path) -> torch.Tensor:
             f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
             f"re-export the file or remove its record"
         ) from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def decode_mask(path: Path) -> torch.Tensor:
@@ -100,6 +106,23 @@ def decode_mask(path: Path) -> torch.Tensor:
     except Exception as exc:
         raise BadSampleError(f"{path}: cannot decode mask ({type(exc).__name__}: {exc}); re-export it") from None
     return torch.from_numpy(arr)
+
+
+def map_mask_labels(mask: torch.Tensor, cfg: SourceConfig) -> torch.Tensor:
+    """The source's mask convention -> class indices: ``reduce_zero_label`` (0 -> 255, k -> k-1)
+    or ``label_map`` (value -> index, unlisted values kept), as a lookup table over the mask."""
+    if not cfg.reduce_zero_label and not cfg.label_map:
+        return mask
+    n = max(256, int(mask.max()) + 1 if mask.numel() else 0)
+    lut = torch.arange(n, dtype=torch.int64)
+    if cfg.reduce_zero_label:
+        lut[1:] -= 1
+        lut[0] = IGNORE_INDEX
+        lut[IGNORE_INDEX] = IGNORE_INDEX  # a value already marked ignore stays ignore
+    for k, v in (cfg.label_map or {}).items():
+        if k < n:
+            lut[k] = v
+    return lut[mask]
 
 
 def _is_image(p: Path) -> bool:
@@ -214,8 +237,11 @@ class RecordSource(Dataset):
         if self.task == "cls":
             return image, {"label": int(r.target["label"])}
         if self.task == "det":
-            return image, {"boxes": boxes_within(r, image), "labels": r.target["labels"].clone()}
-        mask = decode_mask(r.mask)
+            out = {"boxes": boxes_within(r, image), "labels": r.target["labels"].clone()}
+            if "image_id" in r.target:  # COCO: scoring against the annotation file needs it
+                out["image_id"] = r.target["image_id"]
+            return image, out
+        mask = map_mask_labels(decode_mask(r.mask), self.cfg)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
                                  f"{tuple(image.shape[-2:])}; re-export the mask at the image size [record: {r.where}]")
@@ -267,14 +293,17 @@ class ImageFolderSource(RecordSource):
         self._set_class_names([p.name for p in folders], str(root))
         records = []
         for folder in folders:
-            images = sorted(p for p in folder.iterdir() if _is_image(p))
-            if not images:
+            with os.scandir(folder) as it:  # DirEntry.is_file needs no stat per file (ImageNet: 1.28M)
+                names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file()
+                               and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+            if not names:
                 records.append(Record(folder, f"class folder {folder}", problems=[
                     f"{folder}: class folder '{folder.name}' has no images (extensions "
                     f"{sorted(IMAGE_EXTENSIONS)}); add images or remove the folder"]))
                 continue
             label = self.class_names.index(folder.name)
-            records.extend(Record(p, f"{p}", {"label": label}) for p in images)
+            prefix = f"{folder}{os.sep}"
+            records.extend(Record(folder / n, prefix + n, {"label": label}) for n in names)
         return records
 
 
@@ -399,78 +428,203 @@ def _det_target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.
 class CocoSource(RecordSource):
     """COCO JSON: bbox xywh -> xyxy; category ids -> contiguous 0..K-1 in sorted-id order.
 
-    ``category_ids[k]`` is the original id of contiguous class k (for reports). Images without
-    annotations are kept (no boxes); ``iscrowd`` annotations are ignored. Any bad annotation
-    marks its whole image bad, so an object is never silently turned into background.
+    ``category_ids[k]`` is the original id of contiguous class k (for reports and for results
+    written against the file). Images without annotations are kept (no boxes). ``iscrowd``
+    annotations are not training targets (a crowd box is no single object; detectron2 and
+    mmdetection ignore them too) but stay in the file, which is what evaluation scores against:
+    ``coco_file`` is this split's annotation file and every target carries its ``image_id``, so
+    pycocotools sees the crowd regions, COCO's own areas and the image ids as given
+    (``metrics.DetEvaluator``). Any bad annotation marks its whole image bad, so an object is
+    never silently turned into background.
     """
 
     task = "det"
 
     def _read(self, paths):
-        path, root = paths["annotations"], Path(paths["root"])
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadSampleError(f"{path}: cannot read COCO JSON ({exc}); check the annotations path") from None
-        for key in ("images", "categories"):
-            if not isinstance(data.get(key), list):
-                raise BadSampleError(f"{path}: COCO JSON has no '{key}' list; is this a COCO detection file?")
-        cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
-        self.category_ids = sorted(cats)
-        contiguous = {cid: k for k, cid in enumerate(self.category_ids)}
-        names = [cats[c] for c in self.category_ids]
+        path, root = Path(paths["annotations"]), Path(paths["root"])
+        idx = coco_index(path)
+        self.category_ids = idx["cat_ids"].tolist()
+        names = idx["cat_names"].tolist()
         if self.cfg.class_names:
             if len(self.cfg.class_names) != len(names):
                 raise BadSampleError(f"{path}: config class_names has {len(self.cfg.class_names)} names but the "
                                      f"file declares {len(names)} categories; make them match")
             names = list(self.cfg.class_names)
         self.class_names = names
-        records: dict[int, Record] = {}
-        sizes: dict[int, tuple[float | None, float | None]] = {}
-        for img in data["images"]:
-            iid = int(img["id"])
-            file = root / img["file_name"]
-            rec = Record(file, f"{path} image id {iid} ({img['file_name']})",
-                         {"boxes": [], "labels": []})
-            if not file.is_file():
-                rec.problems.append(f"{rec.where}: image file {file} is missing; restore it or remove the image "
-                                    f"and its annotations from the JSON")
-            records[iid] = rec
-            sizes[iid] = (img.get("width"), img.get("height"))
-        orphans = []
-        for ann in data.get("annotations", []) or []:
-            aid = ann.get("id")
-            where = f"{path} annotation id {aid}"
-            iid = int(ann.get("image_id", -1))
-            if iid not in records:
-                orphans.append(Record(Path(path), where, problems=[
-                    f"{where}: image_id {iid} is not in 'images'; add the image or delete the annotation"]))
-                continue
-            rec = records[iid]
-            if ann.get("iscrowd", 0):
-                continue
-            cid = ann.get("category_id")
-            if cid not in contiguous:
-                rec.problems.append(f"{where} (image {rec.image.name}): category_id {cid} is not declared in "
-                                    f"'categories' (ids {self.category_ids}); declare it or fix the annotation")
-                continue
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4:
-                rec.problems.append(f"{where}: bbox {bbox!r} is not [x, y, w, h]; fix the annotation")
-                continue
-            x, y, w, h = (float(v) for v in bbox)
-            box, problem = _check_box([x, y, x + w, y + h], *sizes[iid], f"{where} (image {rec.image.name})")
-            if problem:
-                rec.problems.append(problem)
-                continue
-            rec.target["boxes"].append(box)
-            rec.target["labels"].append(contiguous[cid])
+        self.coco_file = path
+        self.num_crowd = int(idx["num_crowd"])
+        boxes, labels, offsets = torch.from_numpy(idx["boxes"]), torch.from_numpy(idx["labels"]), idx["offsets"]
+        problems: dict[int, list[str]] = {}
+        for i, text in zip(idx["problem_image"].tolist(), idx["problem_text"].tolist()):
+            problems.setdefault(i, []).append(text)
+        present = _listing(root)
         out = []
-        for iid in sorted(records):
-            rec = records[iid]
-            rec.target = _det_target(rec.target["boxes"], rec.target["labels"])
+        for i, (iid, fname) in enumerate(zip(idx["img_ids"].tolist(), idx["file_names"].tolist())):
+            file = root / fname
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            rec = Record(file, f"{path} image id {iid} ({fname})",
+                         {"boxes": boxes[lo:hi], "labels": labels[lo:hi], "image_id": iid},
+                         problems=list(problems.get(i, ())))
+            if not (fname in present if present is not None and "/" not in fname else file.is_file()):
+                rec.problems.insert(0, f"{rec.where}: image file {file} is missing; restore it or remove the image "
+                                       f"and its annotations from the JSON")
             out.append(rec)
-        return out + orphans
+        for where, text in zip(idx["orphan_where"].tolist(), idx["orphan_text"].tolist()):
+            out.append(Record(path, where, problems=[text]))
+        return out
+
+
+INDEX_VERSION = 1
+INDEX_CACHE_MIN_BYTES = 16 << 20
+"""Annotation files at least this large get an index cache (a COCO train file parses in ~20 s)."""
+
+
+def _listing(folder: Path) -> set[str] | None:
+    """Names of the files directly in ``folder`` (one directory read instead of a stat per image)."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it if e.is_file()}
+    except OSError:
+        return None
+
+
+def coco_index(path: Path) -> dict[str, np.ndarray]:
+    """The parsed content of a COCO file as arrays, from the index cache when the file is unchanged.
+
+    Cache: ``$XLEARNER_HOME/index/coco-<hash of the path>.npz`` (plain arrays, read with
+    ``allow_pickle=False``) for files of ``INDEX_CACHE_MIN_BYTES`` or more, holding the file's size
+    and mtime: an edited file (either changed) is parsed again and its entry replaced. Nothing in
+    it depends on the image folder or the config.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise BadSampleError(f"{path}: cannot read COCO JSON ({exc}); check the annotations path") from None
+    cache = None
+    key = np.array([st.st_size, st.st_mtime_ns, INDEX_VERSION], dtype=np.int64)
+    if st.st_size >= INDEX_CACHE_MIN_BYTES:
+        from xlearner.data.embedded import xlearner_home
+
+        name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+        cache = xlearner_home() / "index" / f"coco-{name}.npz"
+        if cache.is_file():
+            try:
+                with np.load(cache, allow_pickle=False) as z:
+                    if np.array_equal(z["key"], key):
+                        return {k: z[k] for k in z.files if k != "key"}
+            except Exception:  # a damaged entry is rebuilt
+                pass
+    idx = _parse_coco(path)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, key=key, **idx)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only cache only costs the next open its parse
+    return idx
+
+
+def _float4(bbox: Any) -> list[float] | None:
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return None
+    try:
+        return [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+
+
+def _parse_coco(path: Path) -> dict[str, np.ndarray]:
+    """Parse and check a COCO file (vectorised: COCO train has 860k boxes); see CocoSource."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadSampleError(f"{path}: cannot read COCO JSON ({exc}); check the annotations path") from None
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise BadSampleError(f"{path}: COCO JSON has no '{key}' list; is this a COCO detection file?")
+    cats = {int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]}
+    cat_ids = sorted(cats)
+    contiguous = {cid: k for k, cid in enumerate(cat_ids)}
+    images = {int(img["id"]): img for img in data["images"]}
+    img_ids = sorted(images)
+    row_of = {iid: i for i, iid in enumerate(img_ids)}
+    n_img = len(img_ids)
+    wh = np.array([[np.nan if images[i].get(k) is None else float(images[i][k]) for k in ("width", "height")]
+                   for i in img_ids], dtype=np.float64).reshape(-1, 2)
+    anns = data.get("annotations", []) or []
+    del data
+    n = len(anns)
+    ann_row = np.fromiter((row_of.get(int(a.get("image_id", -1)), -1) for a in anns), np.int64, n)
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, n)
+    def contiguous_of(c: Any) -> int:
+        try:
+            return contiguous.get(c, -1)
+        except TypeError:  # an unhashable category_id is simply undeclared
+            return -1
+
+    label = np.fromiter((contiguous_of(a.get("category_id")) for a in anns), np.int64, n)
+    raw = [a.get("bbox") for a in anns]
+    try:  # fast path: every bbox is four numbers
+        xywh = np.asarray(raw, dtype=np.float64)
+        if xywh.shape != (n, 4) or not all(isinstance(b, list) for b in raw):
+            raise ValueError("not all [x, y, w, h]")
+        shaped = np.ones(n, dtype=bool)
+    except (TypeError, ValueError):
+        raw = [_float4(b) for b in raw]
+        shaped = np.fromiter((b is not None for b in raw), bool, n)
+        xywh = np.array([b if b is not None else [np.nan] * 4 for b in raw], dtype=np.float64).reshape(-1, 4)
+    del raw
+    x1, y1 = xywh[:, 0], xywh[:, 1]
+    x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
+    w, h = wh[ann_row, 0], wh[ann_row, 1]
+    known = np.isfinite(w) & np.isfinite(h)
+    t = BOX_TOLERANCE
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(xywh).all(1) & np.isfinite(x2) & np.isfinite(y2)
+        inside = ~known | ((x1 >= -t) & (y1 >= -t) & (x2 <= w + t) & (y2 <= h + t))
+        cx1, cy1 = np.where(known, np.maximum(x1, 0), x1), np.where(known, np.maximum(y1, 0), y1)
+        cx2, cy2 = np.where(known, np.minimum(x2, w), x2), np.where(known, np.minimum(y2, h), y2)
+        good_box = finite & (x2 > x1) & (y2 > y1) & inside & (cx2 > cx1) & (cy2 > cy1)
+    orphan = ann_row < 0
+    live = ~orphan & ~crowd
+    keep = live & (label >= 0) & shaped & good_box
+    problem_image, problem_text, orphan_where, orphan_text = [], [], [], []
+    for k in np.flatnonzero(~keep & (orphan | live)).tolist():  # rare: the file's bad annotations, in order
+        a = anns[k]
+        where = f"{path} annotation id {a.get('id')}"
+        if orphan[k]:
+            orphan_where.append(where)
+            orphan_text.append(f"{where}: image_id {a.get('image_id', -1)} is not in 'images'; add the image or "
+                               f"delete the annotation")
+            continue
+        i = int(ann_row[k])
+        fname = Path(str(images[img_ids[i]]["file_name"])).name
+        if label[k] < 0:
+            text = (f"{where} (image {fname}): category_id {a.get('category_id')} is not declared in "
+                    f"'categories' (ids {cat_ids}); declare it or fix the annotation")
+        elif not shaped[k]:
+            text = f"{where}: bbox {a.get('bbox')!r} is not [x, y, w, h]; fix the annotation"
+        else:
+            size = [None if math.isnan(v) else v for v in wh[i].tolist()]
+            box = [float(v[k]) for v in (x1, y1, x2, y2)]
+            text = _check_box(box, *size, f"{where} (image {fname})")[1]
+        problem_image.append(i)
+        problem_text.append(text)
+    rows = np.flatnonzero(keep)
+    order = rows[np.argsort(ann_row[rows], kind="stable")]
+    counts = np.bincount(ann_row[order], minlength=n_img)
+    return {
+        "cat_ids": np.array(cat_ids, dtype=np.int64), "cat_names": np.array([cats[c] for c in cat_ids], dtype=str),
+        "img_ids": np.array(img_ids, dtype=np.int64),
+        "file_names": np.array([str(images[i]["file_name"]) for i in img_ids], dtype=str),
+        "boxes": np.stack([cx1, cy1, cx2, cy2], 1)[order].astype(np.float32).reshape(-1, 4),
+        "labels": label[order], "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "num_crowd": np.array(int((crowd & ~orphan).sum())),
+        "problem_image": np.array(problem_image, dtype=np.int64), "problem_text": np.array(problem_text, dtype=str),
+        "orphan_where": np.array(orphan_where, dtype=str), "orphan_text": np.array(orphan_text, dtype=str),
+    }
 
 
 class VocSource(RecordSource):

@@ -5,68 +5,188 @@ with a float32 image normalised by the ImageNet mean/std. Boxes travel as
 ``tv_tensors.BoundingBoxes`` (XYXY, canvas size) and masks as ``tv_tensors.Mask`` (resized
 nearest), so every geometric op moves them together with the pixels. Randomness comes from
 torch's global RNG: the loader seeds it per sample so augmentation is reproducible.
+
+Two resize modes (``SourceConfig.resize``): ``square`` stretches every image to size x size;
+``keep_ratio`` scales the longer side to ``size`` and pads bottom/right to size x size (one
+batch shape for every batch; padded pixels are the mean colour, ~0 once normalised, and 255 =
+ignore in masks; no box lies in the padding, so it yields no detection target). An eval
+transform built with ``original=True`` also attaches ``target["meta"]`` (original size, the
+resized extent, image id, original boxes or mask) so predictions can be taken back to the
+original pixels: ``boxes_to_original``, ``logits_to_original``.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
+import torch.nn.functional as TF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import query_size
 
 from xlearner.config import AugmentConfig
+from xlearner.data.schema import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Transform = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
+RESIZE_MODES = ("keep_ratio", "square")
+PAD_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+"""Padding colour (uint8): the mean, so padded pixels are ~0 after normalisation."""
+
+
+def keep_ratio_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(height, width) with the longer side = ``size`` and the aspect ratio kept."""
+    scale = size / max(h, w)
+    return max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+
+
+class KeepRatioResize(v2.Transform):
+    """Resize so the longer side is ``size``, keeping the ratio (boxes scaled, masks nearest)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"size": list(keep_ratio_shape(*query_size(flat_inputs), self.size))}
+
+    def transform(self, inpt, params: dict):
+        return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
+
+
+class PadTo(v2.Transform):
+    """Pad bottom/right to size x size: image with ``PAD_FILL``, masks with 255 (ignore); boxes stay."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = query_size(flat_inputs)
+        return {"padding": [0, 0, max(0, self.size - w), max(0, self.size - h)]}
+
+    def transform(self, inpt, params: dict):
+        if not any(params["padding"]):
+            return inpt
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else list(PAD_FILL)
+        return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=fill)
+
 
 class TaskTransform:
-    """Picklable callable (DataLoader workers) wrapping a v2 pipeline for one task."""
+    """Picklable callable (DataLoader workers) wrapping a v2 pipeline for one task.
 
-    def __init__(self, task: str, pipeline: v2.Transform):
+    With ``original=True`` (evaluation) a det/seg target also gets ``meta``: ``orig_size`` (H, W),
+    ``input_size`` (the resized extent inside the padded input), ``image_id`` when the reader
+    gave one, and the original ``boxes``/``labels`` (det) or ``mask`` (seg) before any resize.
+    """
+
+    def __init__(self, task: str, pipeline: v2.Transform, *, size: int | None = None,
+                 resize: str = "square", original: bool = False):
         if task not in ("cls", "det", "seg"):
             raise ValueError(f"task must be cls, det or seg, got {task!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.task = task
         self.pipeline = pipeline
+        self.size, self.resize, self.original = size, resize, bool(original) and task != "cls"
+
+    def _meta(self, image: torch.Tensor, target: dict) -> dict:
+        h, w = (int(v) for v in image.shape[-2:])
+        input_size = keep_ratio_shape(h, w, self.size) if self.resize == "keep_ratio" else (self.size, self.size)
+        meta = {"orig_size": (h, w), "input_size": tuple(input_size), "image_id": target.get("image_id")}
+        if self.task == "det":
+            meta["boxes"] = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
+            meta["labels"] = torch.as_tensor(target["labels"], dtype=torch.int64)
+        else:
+            mask = torch.as_tensor(target["mask"])
+            meta["mask"] = mask.to(torch.uint8) if mask.numel() and int(mask.max()) <= 255 else mask
+        return meta
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         img = tv_tensors.Image(image)
         if self.task == "cls":
             out = self.pipeline(img)
             return out.as_subclass(torch.Tensor), {"label": int(target["label"])}
+        meta = self._meta(image, target) if self.original else None
         if self.task == "det":
             boxes = tv_tensors.BoundingBoxes(
                 torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
                 format="XYXY", canvas_size=tuple(image.shape[-2:]))
             out, tgt = self.pipeline(img, {"boxes": boxes, "labels": torch.as_tensor(target["labels"], dtype=torch.int64)})
-            return out.as_subclass(torch.Tensor), {
-                "boxes": tgt["boxes"].as_subclass(torch.Tensor).to(torch.float32),
-                "labels": tgt["labels"].to(torch.int64)}
-        mask = tv_tensors.Mask(torch.as_tensor(target["mask"]))
-        out, m = self.pipeline(img, mask)
-        return out.as_subclass(torch.Tensor), {"mask": m.as_subclass(torch.Tensor).to(torch.int64)}
+            result = {"boxes": tgt["boxes"].as_subclass(torch.Tensor).to(torch.float32),
+                      "labels": tgt["labels"].to(torch.int64)}
+        else:
+            mask = tv_tensors.Mask(torch.as_tensor(target["mask"]))
+            out, m = self.pipeline(img, mask)
+            result = {"mask": m.as_subclass(torch.Tensor).to(torch.int64)}
+        if meta is not None:
+            result["meta"] = meta
+        return out.as_subclass(torch.Tensor), result
 
     def __repr__(self) -> str:
-        return f"TaskTransform({self.task}, {self.pipeline})"
+        return f"TaskTransform({self.task}, {self.resize}, {self.pipeline})"
 
 
-def build_transform(task: str, size: int, train: bool, augment: AugmentConfig | None = None) -> TaskTransform:
-    """train: RandomResizedCrop (if augment.random_resized_crop) else Resize, then optional hflip;
-    eval: Resize((size, size)). det drops boxes made degenerate by a crop (SanitizeBoundingBoxes)."""
+def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
+    """xyxy boxes in the network input's pixels -> the original image's pixels (clipped to it)."""
+    (h, w), (nh, nw) = meta["orig_size"], meta["input_size"]
+    out = boxes.float() * boxes.new_tensor([w / nw, h / nh, w / nw, h / nh], dtype=torch.float32)
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    return out
+
+
+def logits_to_original(logits: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(K, H_in, W_in) logits of one image -> (K, H, W) at its original size: the padding is cut
+    off, the rest upsampled bilinearly (the way published segmentation results are scored)."""
+    (h, w), (nh, nw) = meta["orig_size"], meta["input_size"]
+    valid = logits[:, :nh, :nw].float()
+    if (nh, nw) == (h, w):
+        return valid
+    return TF.interpolate(valid[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def build_transform(task: str, size: int, train: bool, augment: AugmentConfig | None = None,
+                    resize: str = "square", original: bool = False) -> TaskTransform:
+    """square: train RandomResizedCrop (if augment.random_resized_crop) else Resize, then optional
+    hflip; eval Resize((size, size)).
+    keep_ratio: train with a crop scale range (a, b) jitters the ratio-kept image to 1/sqrt(b) ..
+    1/sqrt(a) times the fitted size and takes a random size x size window, padding where the image
+    is smaller (the same zoom range as a crop of area fraction a..b, without distortion); without
+    one, and at eval, the longer side goes to ``size``; then optional hflip, then pad to size x size.
+    det drops boxes made degenerate by a crop (SanitizeBoundingBoxes). ``original``: see TaskTransform.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     augment = augment or AugmentConfig()
     ops: list[v2.Transform] = []
-    if train and augment.random_resized_crop is not None:
-        ops.append(v2.RandomResizedCrop((size, size), scale=tuple(augment.random_resized_crop), antialias=True))
+    crop = train and augment.random_resized_crop is not None
+    if resize == "square":
+        if crop:
+            ops.append(v2.RandomResizedCrop((size, size), scale=tuple(augment.random_resized_crop), antialias=True))
+        else:
+            ops.append(v2.Resize((size, size), antialias=True))
+    elif crop:
+        a, b = augment.random_resized_crop
+        ops += [v2.ScaleJitter((size, size), scale_range=(1 / math.sqrt(b), 1 / math.sqrt(a)), antialias=True),
+                v2.RandomCrop(size, pad_if_needed=True,
+                              fill={tv_tensors.Image: list(PAD_FILL), tv_tensors.Mask: IGNORE_INDEX})]
     else:
-        ops.append(v2.Resize((size, size), antialias=True))
+        ops.append(KeepRatioResize(size))
     if train and augment.hflip:
         ops.append(v2.RandomHorizontalFlip(0.5))
     if task == "det":
         ops.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    if resize == "keep_ratio":
+        ops.append(PadTo(size))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return TaskTransform(task, v2.Compose(ops))
+    return TaskTransform(task, v2.Compose(ops), size=size, resize=resize, original=original and not train)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:

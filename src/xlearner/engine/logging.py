@@ -101,7 +101,8 @@ class RunLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"val/{k}", v, step)
         self.info(f"step {step} val: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                    for k, v in metrics.items()))
+                                                    for k, v in metrics.items()
+                                                    if not isinstance(v, dict)))  # per-class: in the JSON log
 
     def close(self) -> None:
         if self.bar is not None:

@@ -96,7 +96,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     datasets = {s.name: datasets[s.name] for s in sources}
     report_bad_records(datasets, sources, verbose=rank == 0)
     batch_sizes = {s.name: s.batch_size for s in sources}
-    transforms = {s.name: build_transform(s.task, cfg.size_of(s), True, cfg.augment.of(s.task)) for s in sources}
+    transforms = {s.name: build_transform(s.task, cfg.size_of(s), True, cfg.augment.of(s.task), resize=s.resize_mode)
+                  for s in sources}
     tasks = {s.name: s.task for s in sources}
     loader = MultiSourceLoader(datasets, batch_sizes, transforms, tasks, seed=cfg.seed, rank=rank,
                                world_size=world_size, num_workers=cfg.train.num_workers,
@@ -114,7 +115,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
                 continue
             val_datasets[s.name] = val
             val_loaders[s.name] = eval_loader(spread_subset(val, cfg.train.val_batches * s.batch_size),
-                                              s.task, cfg.size_of(s), s.batch_size)
+                                              s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode,
+                                              original=s.scored_as_published)
     return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size, val_datasets)
 
 
@@ -228,7 +230,9 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
     """Validation metric per source: cls top-1, det COCO mAP@[.5:.95], seg mIoU (fractions in [0, 1]).
 
     ``net_forward(images, source)`` returns what :func:`predict` returns. ``module`` (if given)
-    is put in eval mode for the duration and its device receives the batches.
+    is put in eval mode for the duration and its device receives the batches. Sources scored at
+    the original size (batches with ``meta``, see ``metrics.DetEvaluator``) also report
+    ``<source>/AP50``, ``/AP75``, ``/APs``, ``/APm``, ``/APl`` (det) or ``/per_class_iou`` (seg).
     """
     from xlearner import metrics
 
@@ -244,8 +248,11 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
         for name, loader in loaders.items():
             task, k = tasks[name], num_classes[name]
             correct = total = 0
-            preds, targets = [], []
-            cm = metrics.ConfusionMatrix(k, IGNORE_INDEX) if task == "seg" else None
+            ds = getattr(loader.dataset, "base", loader.dataset)  # under the eval transform
+            if task == "det":
+                ev = metrics.DetEvaluator(k, getattr(ds, "coco_file", None), getattr(ds, "category_ids", None))
+            elif task == "seg":
+                ev = metrics.SegEvaluator(k, getattr(ds, "class_names", None), IGNORE_INDEX)
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -255,21 +262,16 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
                     labels = batch["labels"].to(y.device)
                     correct += int((y.argmax(1) == labels).sum())
                     total += int(labels.numel())
-                elif task == "det":
-                    preds.extend({k2: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                                  for k2, v in d.items()} for d in y)
-                    targets.extend({k2: v.cpu() for k2, v in t.items()} for t in batch["targets"])
                 else:
-                    masks = batch["masks"]
-                    if y.shape[-2:] != masks.shape[-2:]:
-                        y = F.interpolate(y.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-                    cm.update(y.argmax(1).cpu(), masks.cpu())
+                    ev.update(y, batch)
             if task == "cls":
                 out[name] = correct / total if total else 0.0
-            elif task == "det":
-                out[name] = float(metrics.coco_map(preds, targets, k)["mAP"])
-            else:
-                out[name] = cm.miou()
+                continue
+            res = ev.compute()
+            out[name] = float(res["mAP" if task == "det" else "mIoU"])
+            if ev.original:
+                out.update({f"{name}/{key}": v for key, v in res.items()
+                            if key not in ("mAP", "mIoU", "pixel_acc")})
     finally:
         if module is not None and was_training:
             module.train()

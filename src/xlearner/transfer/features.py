@@ -45,7 +45,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 64,
-                    show_progress: bool = True, max_images: int | None = 512) -> int:
+                    show_progress: bool = True, max_images: int | None = 512, resize: str = "square") -> int:
     """Re-estimate BatchNorm running statistics on the downstream training images (AdaBN).
 
     A backbone pretrained on several sources carries running statistics averaged over
@@ -63,7 +63,7 @@ def adapt_batchnorm(backbone: nn.Module, dataset: Dataset, task: str, size: int,
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
     if n_bn == 0:
         return 0
-    loader = eval_loader(subset(dataset, max_images, seed=0), task, size, batch_size)
+    loader = eval_loader(subset(dataset, max_images, seed=0), task, size, batch_size, resize=resize)
     images = (b["images"] for b in progress(loader, total=len(loader), desc="adapt BN", enable=show_progress))
     with torch.no_grad():
         update_bn(images, backbone, device=_device_of(backbone))  # cumulative average, then eval mode kept as before
@@ -93,9 +93,11 @@ def extract_pooled(backbone: nn.Module, dataset: Dataset, size: int, batch_size:
 
 @torch.no_grad()
 def precompute_maps(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 32,
-                    show_progress: bool = True, desc: str = "features") -> tuple[list[Tensor], list[Any]]:
-    """All backbone feature maps of ``dataset`` under the eval transform: ``[(N, C_l, h_l, w_l) fp16]``
-    and the per-image targets (det: dict of boxes/labels; seg: (H, W) int64 mask)."""
+                    show_progress: bool = True, desc: str = "features", resize: str = "square",
+                    original: bool = False) -> tuple[list[Tensor], list[Any], list[dict] | None]:
+    """All backbone feature maps of ``dataset`` under the eval transform: ``[(N, C_l, h_l, w_l) fp16]``,
+    the per-image targets (det: dict of boxes/labels; seg: (H, W) int64 mask) and, with
+    ``original``, the per-image ``meta`` for scoring at the original size (else None)."""
     from xlearner.data.loader import eval_loader
 
     was_training = backbone.training
@@ -103,7 +105,8 @@ def precompute_maps(backbone: nn.Module, dataset: Dataset, task: str, size: int,
     dev = _device_of(backbone)
     levels: list[list[Tensor]] | None = None
     targets: list[Any] = []
-    loader = eval_loader(dataset, task, size, batch_size)
+    metas: list[dict] | None = [] if original else None
+    loader = eval_loader(dataset, task, size, batch_size, resize=resize, original=original)
     for batch in progress(loader, total=len(loader), desc=desc, enable=show_progress):
         feats = backbone(batch["images"].to(dev))
         if levels is None:
@@ -114,8 +117,10 @@ def precompute_maps(backbone: nn.Module, dataset: Dataset, task: str, size: int,
             targets.extend(batch["targets"])
         else:
             targets.extend(list(batch["masks"]))
+        if metas is not None:
+            metas.extend(batch["meta"])
     backbone.train(was_training)
-    return [torch.cat(s) for s in (levels or [])], targets
+    return [torch.cat(s) for s in (levels or [])], targets, metas
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.01) -> float:
@@ -172,7 +177,7 @@ def train_head(step_fn: Callable[[int], Tensor], neck: nn.Module, head: nn.Modul
 def finetune_end_to_end(batch_loss: Callable[[dict], Tensor], backbone: nn.Module, neck: nn.Module,
                         head: nn.Module, train_ds, task: str, *, size: int, batch_size: int, seed: int,
                         lr: float, steps: int, augment=None, show_progress: bool = True,
-                        desc: str = "finetune") -> list[float]:
+                        desc: str = "finetune", resize: str = "square") -> list[float]:
     """Fine-tune mode: backbone (lr/10) + neck + head on augmented batches; ``batch_loss(batch)``."""
     from xlearner.data.loader import MultiSourceLoader
     from xlearner.data.transforms import build_transform
@@ -181,7 +186,7 @@ def finetune_end_to_end(batch_loss: Callable[[dict], Tensor], backbone: nn.Modul
         p.requires_grad_(True)
     backbone.train()
     loader = MultiSourceLoader({"ds": train_ds}, {"ds": batch_size},
-                               {"ds": build_transform(task, size, train=True, augment=augment)},
+                               {"ds": build_transform(task, size, train=True, augment=augment, resize=resize)},
                                {"ds": task}, seed=seed)
     hp = list(neck.parameters()) + list(head.parameters())
     opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])

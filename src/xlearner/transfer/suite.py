@@ -144,7 +144,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     if tc.adapt_bn and mode in ("linear", "frozen"):
         from xlearner.transfer.features import adapt_batchnorm
 
-        adapt_batchnorm(backbone, train, task, size, max(tc.batch_size, 64), show_progress)
+        adapt_batchnorm(backbone, train, task, size, max(tc.batch_size, 64), show_progress, resize=src.resize_mode)
 
     scores: list[float] = []
     extra: dict[str, list] = {}
@@ -170,6 +170,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     else:
         common = dict(size=size, steps=tc.steps, lr=tc.lr, batch_size=tc.batch_size, augment=augment,
                       show_progress=show_progress)
+        geometry = dict(resize=src.resize_mode, original=src.scored_as_published)
         cache: dict = {}
         pristine = copy.deepcopy(backbone.state_dict()) if mode == "finetune" else None
         for s in seed_list:
@@ -185,16 +186,20 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
 
                 r = transfer_det(backbone, train, test, num_classes, seed=s, mode=mode,
                                  fpn_channels=cfg.fpn_channels, cache=cache, head_convs=tc.det_head_convs,
-                                 **common)
+                                 **common, **geometry)
                 scores.append(r["mAP"])
-                add("AP50", r["AP50"])
+                for key in ("AP50", "AP75", "APs", "APm", "APl"):
+                    if key in r:
+                        add(key, r[key])
             else:
                 from xlearner.transfer.segmentation import transfer_seg
 
                 r = transfer_seg(backbone, train, test, num_classes, seed=s, mode=mode,
-                                 fpn_channels=cfg.fpn_channels, cache=cache, **common)
+                                 fpn_channels=cfg.fpn_channels, cache=cache, **common, **geometry)
                 scores.append(r["mIoU"])
                 add("pixel_acc", r["pixel_acc"])
+                if "per_class_iou" in r:
+                    add("per_class_iou", r["per_class_iou"])
             add("final_loss", r.get("final_loss"))
         if pristine is not None:
             backbone.load_state_dict(pristine)  # a module passed in is left as it came
