@@ -192,7 +192,10 @@ def test_expansion_trains_and_writes_outputs(expansion_run):
     assert info["cost"]["steps"] == STEPS
     assert info["cost"]["images_seen"] == STEPS * (BATCH["colors"] + BATCH["shapes"] + BATCH["regions"])
     assert info["cost"]["gflops"] > 0
-    assert set(info["metrics"]) == {"colors", "shapes", "regions"}
+    # both figures: eval mode with the trained (blended) statistics, and with precise BN per source
+    names = {"colors", "shapes", "regions"}
+    assert set(info["metrics"]) == names | {f"{n}/precise_bn" for n in names}
+    assert all(0.0 <= v <= 1.0 for v in info["metrics"].values())
     # the bad record of the det source is counted and printed before training
     assert "source shapes: 1 bad records skipped (on_bad_sample: skip)" in printed
     assert "source colors: 0 bad records skipped" in printed

@@ -145,6 +145,9 @@ class TrainConfig(_Strict):
     val_every: int = Field(0, ge=0)
     """Validate every N steps (0: only at the end)."""
     val_batches: int = Field(8, ge=1)
+    precise_bn_batches: int = Field(8, ge=0)
+    """Before validating a source, re-estimate BatchNorm statistics on this many of its train
+    batches (precise BN) and validate again; both figures are logged (0: blended only)."""
     ckpt_every: int = Field(100, ge=1)
     progress: bool = True
 

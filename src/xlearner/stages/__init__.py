@@ -122,8 +122,13 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         num_classes = {s.name: int(datasets[s.name].num_classes) for s in sources}
 
         def evaluate(*_args, **_kwargs) -> dict:
-            return common.evaluate_sources(module.predict, data.val_loaders, tasks, num_classes,
-                                           max_batches=cfg.train.val_batches, module=module)
+            # eval mode with the trained (blended) statistics, then per source with precise BN
+            out = common.evaluate_sources(module.predict, data.val_loaders, tasks, num_classes,
+                                          max_batches=cfg.train.val_batches, module=module)
+            if data.bn_loaders:
+                out.update(common.evaluate_precise_bn(module, data.val_loaders, data.bn_loaders, tasks, num_classes,
+                                                      max_batches=cfg.train.val_batches))
+            return out
 
         try:
             result = fit(module, data.loader, cfg.train, out_dir,
