@@ -212,6 +212,21 @@ class TransferConfig(_Strict):
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
 
 
+class GatesConfig(_Strict):
+    """When a run can rank backbones; the report marks each gate pass/fail and gives a verdict."""
+
+    upstream: dict[str, float] = Field(default_factory=dict)
+    """Source name -> minimum validation score (points, precise BN) of every stage that trains it."""
+    on_task: dict[str, str] = Field(default_factory=lambda: {"cls": "ssst", "det": "msst_det", "seg": "msst_seg"})
+    """Per task type, the method whose gain over scratch shows that the transfer protocol can rank."""
+    separation_points: float = Field(5.0, ge=0)
+    """The on-task method must beat scratch by at least this many points ..."""
+    separation_se: float = Field(3.0, ge=0)
+    """... and by at least this many standard errors of the paired difference ..."""
+    min_seeds: int = Field(3, ge=1)
+    """... over at least this many paired seeds."""
+
+
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
@@ -226,6 +241,8 @@ class RunConfig(_Strict):
     squeeze: SqueezeConfig = Field(default_factory=SqueezeConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    """Read by the report only: changing a gate re-keys no training or transfer."""
 
     @model_validator(mode="after")
     def _check_sources(self) -> "RunConfig":
@@ -235,6 +252,9 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        unknown = sorted(set(self.gates.upstream) - set(names))
+        if unknown:
+            raise ValueError(f"gates.upstream names unknown sources {unknown}; sources are {names}")
         return self
 
     @property
