@@ -206,6 +206,8 @@ class TransferConfig(_Strict):
     """Split scored: ``test`` for reports; ``val`` when tuning pretraining settings, so test stays untouched."""
     adapt_bn: bool = True
     """Frozen/linear modes: re-estimate BatchNorm statistics on the downstream train images (AdaBN)."""
+    seg_head: Literal["fpn", "linear"] = "fpn"
+    """Segmentation transfer head: FPN + Panoptic-FPN head, or a linear dense probe (frozen mode)."""
     det_head_convs: int = Field(4, ge=1)
     """Depth of the FCOS towers of the transfer detector (torchvision's default is 4)."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])

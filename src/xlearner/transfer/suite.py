@@ -184,7 +184,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
                 from xlearner.transfer.segmentation import transfer_seg
 
                 r = transfer_seg(backbone, train, test, num_classes, seed=s, mode=mode,
-                                 fpn_channels=cfg.fpn_channels, cache=cache, **common)
+                                 fpn_channels=cfg.fpn_channels, cache=cache, head=tc.seg_head, **common)
                 scores.append(r["mIoU"])
                 add("pixel_acc", r["pixel_acc"])
             add("final_loss", r.get("final_loss"))
