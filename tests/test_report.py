@@ -82,3 +82,109 @@ def test_report_without_methods_json(run_dir, capsys):
     assert set(res["methods"]) == {"xlearner", "ssst", "msmt"}
     assert res["costs"]["ssst"]["images_seen"] == 800  # stage dir named like the method
     assert "wrote" in capsys.readouterr().out
+
+
+def test_paired_standard_error_and_verdicts(run_dir):
+    """Gains are paired by seed: a constant per-seed difference has s.e. 0, whatever the seed spread."""
+    from xlearner.report import paired, verdict
+
+    a = {"seeds": [0, 1, 2], "scores": [50.0, 70.0, 90.0]}
+    b = {"seeds": [0, 1, 2], "scores": [48.0, 68.0, 88.0]}
+    g, se, n = paired(a, b)
+    assert (g, se, n) == (pytest.approx(2.0), pytest.approx(0.0), 3)
+    assert verdict(g, se) == "win"  # an unpaired s.e. (~11.6) would call it a tie
+    c = {"seeds": [2, 1, 0], "scores": [80.0, 75.0, 55.0]}  # pairs by seed, not by position
+    g, se, n = paired(a, c)
+    # differences 50-55=-5, 70-75=-5, 90-80=+10: mean 0, sd 8.66, s.e. 5.0
+    assert g == pytest.approx(0.0) and se == pytest.approx(5.0) and n == 3
+    assert verdict(g, se) == "tie" and verdict(-11.0, 5.0) == "loss" and verdict(1.0, float("nan")) == "n/a"
+
+    res = json.loads((write_report(run_dir).parent / "results.json").read_text())
+    # cls vs ssst per seed: seed0 ((80-70)+(60-50))/2 = 10, seed1 ((90-70)+(60-60))/2 = 10 -> +10 ± 0: win
+    assert res["gains_se"]["cls"]["ssst"] == pytest.approx(0.0)
+    assert res["gains_verdict"]["cls"]["ssst"] == "win"
+    # cls vs msmt: seed0 -5, seed1 0 -> -2.5 ± 2.5: tie
+    assert res["gains_se"]["cls"]["msmt"] == pytest.approx(2.5)
+    assert res["gains_verdict"]["cls"]["msmt"] == "tie"
+    md = (run_dir / "report.md").read_text()
+    assert "+10.0 ± 0.0 (win)" in md and "-2.5 ± 2.5 (tie)" in md
+
+
+def _probe_scores(feature_fn, seeds) -> list[float]:
+    """Linear-probe top-1 of a 'backbone' (a feature function) on a fixed labelled set, per seed."""
+    import numpy as np
+
+    from xlearner.transfer.linear_probe import probe
+
+    data = np.random.default_rng(123)
+    x = data.normal(size=(360, 8))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)  # the label lives in the inputs
+    split = [(x[:200], y[:200]), (x[200:260], y[200:260]), (x[260:], y[260:])]
+    out = []
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        keep = np.sort(rng.permutation(200)[:160])  # what varies with the seed: the probe's sample
+        tr = (feature_fn(split[0][0][keep], s), split[0][1][keep])
+        out.append(probe(tr, (feature_fn(split[1][0], s), split[1][1]),
+                         (feature_fn(split[2][0], s), split[2][1]), [0.1, 1.0], seed=s)["top1"])
+    return out
+
+
+def _gate_run(tmp_path, on_task_fn, scratch_fn, seeds=(0, 1, 2)):
+    from xlearner.report import check_gates, collect
+
+    for m, fn in (("ssst", on_task_fn), ("scratch", scratch_fn)):
+        (tmp_path / "transfer" / m).mkdir(parents=True)
+        r = _res("toy", "cls", "top1", _probe_scores(fn, seeds), 10)
+        r["seeds"] = list(seeds)
+        (tmp_path / "transfer" / m / "toy.json").write_text(json.dumps(r))
+    res = collect(tmp_path)
+    return res["gates"]["separation"][0], res
+
+
+def test_separation_gate_fails_when_protocol_cannot_rank(tmp_path):
+    import numpy as np
+
+    def random_backbone(offset):
+        # features drawn at random for each image, independent of its content
+        return lambda x, s: np.random.default_rng(1000 * offset + s).normal(size=(len(x), 16))
+
+    # two backbones whose features ignore the image: both at chance, no separation
+    row, res = _gate_run(tmp_path, random_backbone(1), random_backbone(2))
+    assert row["n"] == 3 and not row["pass"]
+    assert res["gates"]["can_rank"] is False
+    from xlearner.report import gate_failures
+    assert any(line.startswith("separation toy: ssst - scratch") for line in gate_failures(res))
+
+
+def test_separation_gate_passes_when_protocol_ranks(tmp_path):
+    import numpy as np
+
+    w = np.random.default_rng(7).normal(size=(8, 16))
+    informative = lambda x, s: x @ w  # noqa: E731  a backbone that keeps the label's signal
+    noise = lambda x, s: np.random.default_rng(s).normal(size=(len(x), 16))  # noqa: E731
+    row, res = _gate_run(tmp_path, informative, noise)
+    assert row["n"] == 3 and row["gain"] > 30 and row["pass"], row
+    assert res["gates"]["can_rank"] is True
+    md = (write_report(tmp_path)).read_text()
+    assert "Can this run rank backbones? yes" in md.splitlines()[4]
+
+
+def test_upstream_gates_read_precise_bn_figures(run_dir):
+    (run_dir / "config.yaml").write_text(json.dumps({"gates": {"upstream": {"fashion": 85, "mnist": 95}}}))
+    for sd, fashion, mnist in (("ssst", 0.90, None), ("msmt", 0.80, 0.97)):
+        info = json.loads((run_dir / sd / "run.json").read_text())
+        info["sources"] = [{"name": "fashion"}] + ([{"name": "mnist"}] if mnist else [])
+        info["metrics"] = {"fashion": 0.40, "fashion/precise_bn": fashion}
+        if mnist:
+            info["metrics"].update({"mnist": 0.5, "mnist/precise_bn": mnist})
+        (run_dir / sd / "run.json").write_text(json.dumps(info))
+    res = json.loads((write_report(run_dir).parent / "results.json").read_text())
+    rows = {(r["stage"], r["source"]): r for r in res["gates"]["upstream"]}
+    assert rows[("ssst", "fashion")]["score"] == pytest.approx(90.0) and rows[("ssst", "fashion")]["pass"]
+    assert rows[("msmt", "fashion")]["pass"] is False and rows[("msmt", "fashion")]["counts"] is False
+    assert rows[("msmt", "mnist")]["pass"]
+    md = (run_dir / "report.md").read_text()
+    assert "| msmt | fashion | 80.0 | precise BN | 85 | FAIL (not deciding) |" in md
+    # separation needs ssst/msst and scratch results: missing here, so the verdict is NO
+    assert "Can this run rank backbones? NO" in md

@@ -263,3 +263,27 @@ def test_adapt_batchnorm_matches_the_downstream_statistics():
     x = torch.cat(seen)  # what the BN layer normalises: its running statistics must now be those of x
     torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(bn.running_var, x.var(dim=(0, 2, 3)), rtol=0.02, atol=1e-4)
+
+
+def test_linear_seg_probe_is_affine_in_the_features_and_learns(tiny):
+    """The linear dense probe has no hidden layer: its logits are an affine map of the features."""
+    from xlearner.models.heads import LinearSegHead
+    from xlearner.transfer.suite import transfer_one
+
+    torch.manual_seed(0)
+    head = LinearSegHead([8, 16], 3, [4, 8]).eval()
+    f1 = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    f2 = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]
+    mid = [(a + b) / 2 for a, b in zip(f1, f2)]
+    with torch.no_grad():
+        assert torch.allclose(head(mid, (32, 32)), (head(f1, (32, 32)) + head(f2, (32, 32))) / 2, atol=1e-5)
+        assert head(f1, (32, 32)).shape == (2, 3, 32, 32)
+
+    cfg = tiny.cfg.model_copy(deep=True)
+    cfg.transfer.seg_head = "linear"
+    cfg.transfer.steps = 150
+    cfg.transfer.lr = 0.05
+    res = transfer_one(tiny.backbone, str(tiny.seg), cfg, seeds=1, show_progress=False)
+    # predicting background everywhere scores 0.22 on this test split (measured: 0.216); the
+    # colour-coded regions are linearly separable even in a random backbone's features (0.47)
+    assert res["mean"] > 0.35, res["scores"]

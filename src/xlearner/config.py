@@ -197,6 +197,9 @@ class TrainConfig(_Strict):
     val_every: int = Field(0, ge=0)
     """Validate every N steps (0: only at the end)."""
     val_batches: int = Field(8, ge=1)
+    precise_bn_batches: int = Field(8, ge=0)
+    """Before validating a source, re-estimate BatchNorm statistics on this many of its train
+    batches (precise BN) and validate again; both figures are logged (0: blended only)."""
     ckpt_every: int = Field(100, ge=1)
     progress: bool = True
 
@@ -276,10 +279,27 @@ class TransferConfig(_Strict):
     """Split scored: ``test`` for reports; ``val`` when tuning pretraining settings, so test stays untouched."""
     adapt_bn: bool = True
     """Frozen/linear modes: re-estimate BatchNorm statistics on the downstream train images (AdaBN)."""
+    seg_head: Literal["fpn", "linear"] = "fpn"
+    """Segmentation transfer head: FPN + Panoptic-FPN head, or a linear dense probe (frozen mode)."""
     det_head_convs: int = Field(4, ge=1)
     """Depth of the FCOS towers of the transfer detector (torchvision's default is 4)."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
+
+
+class GatesConfig(_Strict):
+    """When a run can rank backbones; the report marks each gate pass/fail and gives a verdict."""
+
+    upstream: dict[str, float] = Field(default_factory=dict)
+    """Source name -> minimum validation score (points, precise BN) of every stage that trains it."""
+    on_task: dict[str, str] = Field(default_factory=lambda: {"cls": "ssst", "det": "msst_det", "seg": "msst_seg"})
+    """Per task type, the method whose gain over scratch shows that the transfer protocol can rank."""
+    separation_points: float = Field(5.0, ge=0)
+    """The on-task method must beat scratch by at least this many points ..."""
+    separation_se: float = Field(3.0, ge=0)
+    """... and by at least this many standard errors of the paired difference ..."""
+    min_seeds: int = Field(3, ge=1)
+    """... over at least this many paired seeds."""
 
 
 class RunConfig(_Strict):
@@ -296,6 +316,8 @@ class RunConfig(_Strict):
     squeeze: SqueezeConfig = Field(default_factory=SqueezeConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    """Read by the report only: changing a gate re-keys no training or transfer."""
 
     @model_validator(mode="after")
     def _check_sources(self) -> "RunConfig":
@@ -305,6 +327,9 @@ class RunConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"source names must be unique, repeated: {sorted(dup)}")
+        unknown = sorted(set(self.gates.upstream) - set(names))
+        if unknown:
+            raise ValueError(f"gates.upstream names unknown sources {unknown}; sources are {names}")
         return self
 
     @property

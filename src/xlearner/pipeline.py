@@ -305,6 +305,9 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
     _write_json(out / "timings.json", prior)
     report = write_report(out)
     print(f"[xlearner run] done in {time.time() - t0:.0f} s; report: {report}")
+    from xlearner.report import print_gate_failures
+
+    print_gate_failures(_read_json(out / "results.json") or {})
     return report
 
 

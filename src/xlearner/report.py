@@ -47,6 +47,54 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int]:
+    """Mean and standard error of the paired difference a - b over the seeds both share.
+
+    Every method is transferred with the same seeds (same head initialisation and data
+    order), so per-seed differences cancel what the seed alone moves. The standard error
+    is NaN below two shared seeds.
+    """
+    sa, sb = _by_seed(a), _by_seed(b)
+    shared = [s for s in sa if s in sb]
+    diffs = [sa[s] - sb[s] for s in shared]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
+    return _mean(diffs), se, len(diffs)
+
+
+def _by_seed(entry: dict[str, Any]) -> dict[Any, float]:
+    seeds = entry.get("seeds") or list(range(len(entry["scores"])))
+    return dict(zip(seeds, entry["scores"]))
+
+
+def verdict(gain: float, se: float) -> str:
+    """win / loss where |gain| > 2 s.e., tie otherwise; n/a without a standard error."""
+    if math.isnan(gain) or math.isnan(se):
+        return "n/a"
+    if abs(gain) > 2 * se:
+        return "win" if gain > 0 else "loss"
+    return "tie"
+
+
+def task_paired(datasets: dict[str, Any], names: list[str], a: str, b: str) -> tuple[float, float, int]:
+    """Paired gain a - b on a task type: per seed, the mean over its datasets; then mean and s.e. over seeds."""
+    per_seed: dict[Any, list[float]] = {}
+    use = [d for d in names if a in datasets[d]["methods"] and b in datasets[d]["methods"]]
+    if not use:
+        return float("nan"), float("nan"), 0
+    for d in use:
+        sa, sb = _by_seed(datasets[d]["methods"][a]), _by_seed(datasets[d]["methods"][b])
+        for s in sa:
+            if s in sb:
+                per_seed.setdefault(s, []).append(sa[s] - sb[s])
+    diffs = [_mean(v) for v in per_seed.values() if len(v) == len(use)]  # seeds every dataset has
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
+    return _mean(diffs), se, len(diffs)
+
+
 def reference_method(methods: list[str]) -> str | None:
     """The X-Learner entry the gains are measured from."""
     if "xlearner" in methods:
@@ -115,28 +163,35 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             if vals:
                 per_task[t][m] = {"mean": _mean(vals), "datasets": len(vals), "of": len(names)}
 
-    # --- gains of X-Learner over each baseline, per task type (shared datasets) --
+    # --- gains of X-Learner over each baseline: paired over seeds -----------------------
     gains: dict[str, dict[str, float]] = {}
+    gains_se: dict[str, dict[str, float]] = {}
+    gains_verdict: dict[str, dict[str, str]] = {}
     if ref is not None:
         for t in tasks:
             names = [d for d, v in datasets.items() if v["task"] == t]
-            gains[t] = {}
+            gains[t], gains_se[t], gains_verdict[t] = {}, {}, {}
             for m in methods:
                 if m == ref:
                     continue
-                shared = [d for d in names if m in datasets[d]["methods"] and ref in datasets[d]["methods"]]
-                if shared:
-                    gains[t][m] = _mean([datasets[d]["methods"][ref]["mean"] - datasets[d]["methods"][m]["mean"]
-                                         for d in shared])
+                g, se, n = task_paired(datasets, names, ref, m)
+                if n:
+                    gains[t][m], gains_se[t][m], gains_verdict[t][m] = g, se, verdict(g, se)
     per_dataset_gain: dict[str, dict[str, float]] = {}
-    per_dataset_gain_se: dict[str, dict[str, float]] = {}  # standard error of the difference of means
+    per_dataset_gain_se: dict[str, dict[str, float]] = {}  # standard error of the paired difference
+    per_dataset_verdict: dict[str, dict[str, str]] = {}
     if ref is not None:
         for d, v in datasets.items():
             if ref in v["methods"]:
                 r = v["methods"][ref]
-                per_dataset_gain[d] = {m: r["mean"] - e["mean"] for m, e in v["methods"].items() if m != ref}
-                per_dataset_gain_se[d] = {m: math.sqrt(r["std"] ** 2 / max(1, r["n"]) + e["std"] ** 2 / max(1, e["n"]))
-                                          for m, e in v["methods"].items() if m != ref}
+                per_dataset_gain[d], per_dataset_gain_se[d], per_dataset_verdict[d] = {}, {}, {}
+                for m, e in v["methods"].items():
+                    if m == ref:
+                        continue
+                    g, se, n = paired(r, e)
+                    if n:
+                        per_dataset_gain[d][m], per_dataset_gain_se[d][m] = g, se
+                        per_dataset_verdict[d][m] = verdict(g, se)
 
     # --- costs -------------------------------------------------------------------
     stage_costs: dict[str, dict[str, Any]] = {}
@@ -163,10 +218,102 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         c["backbone_params"] = params
         costs[m] = c
 
+    gates = check_gates(run_dir, datasets, method_stages, _read_gates(run_dir))
     return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
-            "per_task": per_task, "gains": gains, "per_dataset_gain": per_dataset_gain,
-            "per_dataset_gain_se": per_dataset_gain_se,
+            "per_task": per_task, "gains": gains, "gains_se": gains_se, "gains_verdict": gains_verdict,
+            "per_dataset_gain": per_dataset_gain, "per_dataset_gain_se": per_dataset_gain_se,
+            "per_dataset_verdict": per_dataset_verdict, "gates": gates,
             "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
+
+
+# ----------------------------------------------------------------------------- gates
+def _read_gates(run_dir: Path) -> dict[str, Any]:
+    """The run's ``gates`` section (``config.yaml`` written by ``xlearner run``), else the defaults."""
+    from xlearner.config import GatesConfig
+
+    cfg = run_dir / "config.yaml"
+    data: dict[str, Any] = {}
+    if cfg.is_file():
+        import yaml  # config.yaml holds JSON, a subset of YAML
+
+        try:
+            data = (yaml.safe_load(cfg.read_text()) or {}).get("gates") or {}
+        except yaml.YAMLError:
+            data = {}
+    return GatesConfig.model_validate(data).model_dump()
+
+
+def check_gates(run_dir: Path, datasets: dict[str, Any], method_stages: dict[str, list[str]],
+                gates: dict[str, Any]) -> dict[str, Any]:
+    """Can this run rank backbones? Upstream gates per stage and source, separation per dataset.
+
+    Upstream: every stage that trains a gated source reaches its minimum on that source's
+    validation split (the precise-BN figure). msmt lines are shown but do not decide the
+    verdict (task interference may be real there). Separation: on every downstream dataset,
+    the on-task method beats scratch by ``separation_points`` and by ``separation_se``
+    standard errors of the paired difference over at least ``min_seeds`` seeds.
+    """
+    upstream = []
+    stage_dirs = sorted({*STAGE_DIRS, *(s for v in method_stages.values() for s in v)})
+    for sd in stage_dirs:
+        f = run_dir / sd / "run.json"
+        if not f.is_file():
+            continue
+        try:
+            info = _read_json(f)
+        except json.JSONDecodeError:
+            continue
+        metrics = info.get("metrics") or {}
+        for src in info.get("sources") or []:
+            name = src.get("name")
+            if name not in gates["upstream"]:
+                continue
+            value = metrics.get(f"{name}/precise_bn")
+            figure = "precise BN"
+            if value is None and name in metrics:
+                value, figure = metrics[name], "blended BN"
+            score = None if value is None else 100.0 * float(value)
+            need = float(gates["upstream"][name])
+            ok = score is not None and score >= need
+            upstream.append({"stage": sd, "source": name, "score": score, "figure": figure, "min": need,
+                             "pass": ok, "counts": info.get("stage") != "msmt"})
+    separation = []
+    for d, v in datasets.items():
+        on_task = gates["on_task"].get(v["task"])
+        row: dict[str, Any] = {"dataset": d, "task": v["task"], "method": on_task}
+        if on_task in v["methods"] and "scratch" in v["methods"]:
+            g, se, n = paired(v["methods"][on_task], v["methods"]["scratch"])
+            ok = (n >= gates["min_seeds"] and g >= gates["separation_points"]
+                  and not math.isnan(se) and g >= gates["separation_se"] * se)
+            row.update({"gain": g, "se": se, "n": n, "pass": bool(ok)})
+        else:
+            row.update({"gain": None, "se": None, "n": 0, "pass": False,
+                        "why": f"needs transfer results of {on_task} and scratch"})
+        separation.append(row)
+    deciding = [r for r in upstream if r["counts"]] + separation
+    failed = [r for r in deciding if not r["pass"]]
+    return {"config": gates, "upstream": upstream, "separation": separation,
+            "checked": len(deciding), "failed": len(failed), "can_rank": bool(deciding) and not failed}
+
+
+def gate_failures(res: dict[str, Any]) -> list[str]:
+    """One line per failed gate (what ``xlearner run`` prints at its end)."""
+    g = res.get("gates") or {}
+    out = []
+    for r in g.get("upstream", []):
+        if r["counts"] and not r["pass"]:
+            sc = "-" if r["score"] is None else f"{r['score']:.1f}"
+            out.append(f"upstream {r['stage']} on {r['source']}: {sc} < {r['min']:g}")
+    for r in g.get("separation", []):
+        if not r["pass"]:
+            if r["gain"] is None:
+                out.append(f"separation {r['dataset']}: {r.get('why', 'no results')}")
+            else:
+                out.append(f"separation {r['dataset']}: {r['method']} - scratch = {r['gain']:+.1f} "
+                           f"(s.e. {r['se']:.1f}, {r['n']} seeds)")
+    if g and not g.get("checked"):
+        out.append("no gate could be checked (no gated source trained, no downstream dataset)")
+    return out
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -212,7 +359,9 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
         x = np.arange(len(tasks))
         for i, m in enumerate(baselines):
             vals = [gains[t].get(m, np.nan) for t in tasks]
-            bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=f"vs {m}")
+            errs = [res["gains_se"].get(t, {}).get(m, np.nan) for t in tasks]
+            errs = [0.0 if e is None or np.isnan(e) else e for e in errs]
+            bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, yerr=errs, capsize=2, label=f"vs {m}")
             for b, v in zip(bars, vals):
                 if not np.isnan(v):
                     ax.annotate(_signed(v), (b.get_x() + b.get_width() / 2, v), ha="center",
@@ -220,7 +369,8 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, tasks)
         ax.set_ylabel(f"{ref} gain (points)")
-        ax.set_title(f"{ref} gain over each baseline, per task type", fontsize=9)
+        ax.set_title(f"{ref} gain over each baseline, per task type (error bars: s.e. of the paired difference)",
+                     fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "gains.png", dpi=120)
@@ -249,12 +399,79 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
     return files
 
 
+def _gain_cell(g: float | None, se: float | None, v: str | None) -> str:
+    if g is None or math.isnan(g):
+        return "-"
+    if se is None or math.isnan(se):
+        return f"{_signed(g)} ({v or 'n/a'})"
+    return f"{_signed(g)} ± {se:.1f} ({v})"
+
+
+def gate_verdict_line(res: dict[str, Any]) -> str:
+    g = res.get("gates") or {}
+    if not g.get("checked"):
+        return "**Can this run rank backbones? not checked: no gated source and no downstream dataset.**"
+    if g["can_rank"]:
+        return f"**Can this run rank backbones? yes: all {g['checked']} gates pass (see the gate section).**"
+    return (f"**Can this run rank backbones? NO: {g['failed']} of {g['checked']} gates fail; the gains below "
+            "may measure nothing where a gate fails (see the gate section).**")
+
+
+def _gate_section(res: dict[str, Any]) -> list[str]:
+    g = res.get("gates") or {}
+    if not g:
+        return []
+    c = g["config"]
+    L = ["## Can this run rank backbones?", "", gate_verdict_line(res), "",
+         "Upstream: each stage's validation score on its own sources with BatchNorm statistics re-estimated "
+         "per source (precise BN), against the minimum in `gates.upstream` (msmt lines are shown but do not "
+         "decide: task interference may be real there).", ""]
+    rows = [[r["stage"], r["source"], "-" if r["score"] is None else f"{r['score']:.1f}", r["figure"],
+             f"{r['min']:g}", ("pass" if r["pass"] else "FAIL") + ("" if r["counts"] else " (not deciding)")]
+            for r in g["upstream"]]
+    L += (_table(["stage", "source", "val score", "figure", "min", "gate"], rows) if rows
+          else ["No stage trained a gated source."]) + [""]
+    L += [f"Separation: on each downstream dataset, the on-task pretrained backbone ({', '.join(f'{t}: {m}' for t, m in c['on_task'].items())}) "
+          f"minus random weights (scratch), paired by seed; passes at >= {c['separation_points']:g} points, "
+          f">= {c['separation_se']:g} s.e. and >= {c['min_seeds']} seeds.", ""]
+    rows = []
+    for r in g["separation"]:
+        if r["gain"] is None:
+            rows.append([r["dataset"], r["task"], str(r["method"]), "-", "-", "0", "FAIL: " + r.get("why", "")])
+        else:
+            se = "-" if math.isnan(r["se"]) else f"{r['se']:.1f}"
+            rows.append([r["dataset"], r["task"], str(r["method"]), _signed(r["gain"]), se, str(r["n"]),
+                         "pass" if r["pass"] else "FAIL"])
+    L += (_table(["dataset", "task", "on-task method", "gain over scratch", "s.e.", "seeds", "gate"], rows)
+          if rows else ["No downstream dataset."]) + [""]
+    return L
+
+
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     methods, ref, ds = res["methods"], res["reference"], res["datasets"]
     L = [f"# X-Learner report: {Path(res['run_dir']).name}", "",
          "All scores are in points (x100): top-1 accuracy for classification, COCO box mAP@[.5:.95] "
          "for detection, mIoU for segmentation; mean ± std over seeds (n = number of seeds). "
          "Every downstream dataset is unseen during pretraining.", ""]
+    L += [gate_verdict_line(res), ""]
+
+    if ref is not None and res["gains"]:
+        L += [f"## Headline: gain of {ref} over each baseline", "",
+              f"{ref} minus baseline in points, averaged over the task type's datasets, paired by seed "
+              "(same head initialisation and data order): gain ± standard error of the paired difference; "
+              "win / loss where |gain| > 2 s.e., tie otherwise (n/a: fewer than 2 seeds).", ""]
+        tasks = list(res["gains"])
+        rows = []
+        for m in methods:
+            if m == ref:
+                continue
+            rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
+                                          res["gains_verdict"][t].get(m)) for t in tasks])
+        L += _table(["baseline"] + [TASK_TITLE.get(t, t) for t in tasks], rows) + [""]
+        if "gains" in plots:
+            L += [f"![gains]({plots['gains']})", ""]
+
+    L += _gate_section(res)
 
     L += ["## Scores per downstream dataset", ""]
     for d, v in ds.items():
@@ -267,9 +484,9 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
             row = [m, e.get("mode") or "-", f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})"]
             if v["task"] == "det":
                 row.append(f"{e['AP50_mean']:.1f}" if "AP50_mean" in e else "-")
-            if ref is not None and m != ref and d in res["per_dataset_gain"]:
-                se = res["per_dataset_gain_se"][d][m]
-                row.append(_signed(res["per_dataset_gain"][d][m]) + (f" (s.e. {se:.1f})" if se > 0 else ""))
+            if ref is not None and m != ref and m in res["per_dataset_gain"].get(d, {}):
+                row.append(_gain_cell(res["per_dataset_gain"][d][m], res["per_dataset_gain_se"][d][m],
+                                      res["per_dataset_verdict"][d][m]))
             else:
                 row.append("")
             rows.append(row)
@@ -290,20 +507,6 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                            ("" if e["datasets"] == e["of"] else f" ({e['datasets']}/{e['of']} datasets)"))
             rows.append(row)
         L += _table(["method"] + [TASK_TITLE.get(t, t) for t in tasks], rows) + [""]
-
-    if ref is not None and res["gains"]:
-        L += [f"## Gain of {ref} over each baseline", "",
-              f"{ref} minus baseline, in points, averaged over the task type's datasets both methods were "
-              "evaluated on (the paper's headline form).", ""]
-        tasks = list(res["gains"])
-        rows = []
-        for m in methods:
-            if m == ref:
-                continue
-            rows.append([m] + [_signed(res["gains"][t][m]) if m in res["gains"][t] else "-" for t in tasks])
-        L += _table(["baseline"] + [TASK_TITLE.get(t, t) for t in tasks], rows) + [""]
-        if "gains" in plots:
-            L += [f"![gains]({plots['gains']})", ""]
 
     L += ["## Training cost", "",
           "Summed over the stages each method's backbone needs (e.g. X-Learner = expansion + squeeze); "
@@ -361,4 +564,14 @@ def report_command(args) -> int:
                           for t, g in res["gains"].items() if g)
         print(f"wrote {path} ({len(res['datasets'])} datasets, {len(res['methods'])} methods)"
               + (f" - {res['reference']} gain {gains}" if gains else ""))
+    print_gate_failures(res)
     return 0
+
+
+def print_gate_failures(res: dict[str, Any]) -> None:
+    """Tell the user, at the end of the console output, when the gains measure nothing."""
+    fails = gate_failures(res)
+    if fails:
+        print(gate_verdict_line(res).strip("*"))
+        for line in fails:
+            print(f"  gate failed: {line}")

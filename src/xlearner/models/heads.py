@@ -158,3 +158,38 @@ class SegHead(nn.Module):
         if image_size is None:
             image_size = (logits.shape[-2] * self.base_stride, logits.shape[-1] * self.base_stride)
         return F.interpolate(logits, size=tuple(int(v) for v in image_size), mode="bilinear", align_corners=False)
+
+
+class _PassFeatures(nn.Module):
+    """The neck of a linear probe: the backbone's feature maps as they are."""
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        return list(features)
+
+
+class LinearSegHead(nn.Module):
+    """Linear dense probe: per level BatchNorm + 1x1 conv to K logits, upsampled and summed.
+
+    The sum of per-level linear maps is one linear map of the concatenated, upsampled
+    multi-scale features (the linear segmentation evaluation of self-supervised learning,
+    e.g. DINOv2's BN + linear layer). With no hidden layer, the score depends on what the
+    frozen features hold, not on what a deep head can still learn on top of them.
+    """
+
+    def __init__(self, in_channels_list: list[int], num_classes: int, strides: list[int]):
+        super().__init__()
+        self.base_stride = min(strides)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels_list)
+        self.classifiers = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in in_channels_list)
+
+    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> Tensor:
+        size = features[0].shape[-2:]
+        logits = None
+        for f, norm, clf in zip(features, self.norms, self.classifiers):
+            y = clf(norm(f))
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            logits = y if logits is None else logits + y
+        if image_size is None:
+            image_size = (size[0] * self.base_stride, size[1] * self.base_stride)
+        return F.interpolate(logits, size=tuple(int(v) for v in image_size), mode="bilinear", align_corners=False)

@@ -136,6 +136,10 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         def evaluate(_module, step, *_args, **_kwargs) -> dict:
             out = common.evaluate_sources(module.predict, data.val_loaders, tasks, num_classes,
                                           max_batches=cfg.train.val_batches, module=module)
+            # ... then per source with BatchNorm statistics re-estimated on its train images (precise BN)
+            if data.bn_loaders:
+                out.update(common.evaluate_precise_bn(module, data.val_loaders, data.bn_loaders, tasks, num_classes,
+                                                      max_batches=cfg.train.val_batches))
             # fit evaluates on rank 0 only: its own counts here, the union over ranks at the end
             print(common.bad_records_line({n: d.bad.count for n, d in data.datasets.items()},
                                           {n: d.bad.count for n, d in data.val_datasets.items()},

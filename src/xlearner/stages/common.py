@@ -6,6 +6,7 @@ reads as "which model, which losses".
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ class StageData:
     batch_sizes: dict         # name -> per-rank batch size
     world_size: int = 1
     val_datasets: dict = field(default_factory=dict)  # name -> val split (its bad-record count)
+    bn_loaders: dict | None = None  # name -> DataLoader over train images, for precise BN
 
 
 def build_datasets(sources: Sequence[SourceConfig], split: str = "train") -> dict:
@@ -117,7 +119,12 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
             val_loaders[s.name] = eval_loader(spread_subset(val, cfg.train.val_batches * s.batch_size),
                                               s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode,
                                               original=s.scored_as_published)
-    return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size, val_datasets)
+    bn_loaders = {}
+    if with_val and cfg.train.precise_bn_batches > 0:
+        for s in sources:
+            bn_loaders[s.name] = eval_loader(spread_subset(datasets[s.name], cfg.train.precise_bn_batches * s.batch_size),
+                                             s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode)
+    return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size, val_datasets, bn_loaders)
 
 
 def spread_subset(dataset, n: int):
@@ -226,7 +233,7 @@ def forward_any_batch(net_forward: Callable[[Tensor, str], object], images: Tens
 @torch.no_grad()
 def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict, tasks: dict[str, str],
                      num_classes: dict[str, int], max_batches: int | None = None,
-                     module: nn.Module | None = None) -> dict[str, float]:
+                     module: nn.Module | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Validation metric per source: cls top-1, det COCO mAP@[.5:.95], seg mIoU (fractions in [0, 1]).
 
     ``net_forward(images, source)`` returns what :func:`predict` returns. ``module`` (if given)
@@ -236,7 +243,7 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
     """
     from xlearner import metrics
 
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
     was_training = None
     if module is not None:
         p = next(module.parameters(), None)
@@ -248,7 +255,8 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
         for name, loader in loaders.items():
             task, k = tasks[name], num_classes[name]
             correct = total = 0
-            ds = getattr(loader.dataset, "base", loader.dataset)  # under the eval transform
+            ds = getattr(loader, "dataset", None)  # any iterable of batches validates; a DataLoader
+            ds = getattr(ds, "base", ds)           # tells its dataset (under the eval transform)
             if task == "det":
                 ev = metrics.DetEvaluator(k, getattr(ds, "coco_file", None), getattr(ds, "category_ids", None))
             elif task == "seg":
@@ -275,6 +283,61 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
     finally:
         if module is not None and was_training:
             module.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- precise BN
+@contextmanager
+def precise_bn(bn_owner: nn.Module, run_backbone: Callable[[Tensor], object], loader,
+               max_batches: int | None = None):
+    """BatchNorm statistics of ``bn_owner`` re-estimated on ``loader``'s images, restored on exit.
+
+    A multi-source backbone's running statistics blend every source (each step draws a
+    batch of each), so eval mode normalises a source with statistics it never had; its
+    validation then measures the blend, not the network. Inside this context, every
+    BatchNorm of ``bn_owner`` holds the exact mean/variance of ``run_backbone`` over
+    ``loader`` (cumulative average, momentum None: precise BN); on exit the trained
+    statistics are put back, so training and the saved product are unaffected.
+    """
+    bns = [m for m in bn_owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    modes = {m: m.training for m in bn_owner.modules()}
+    device = next(iter([*bn_owner.parameters(), *bn_owner.buffers()])).device
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+        bn_owner.train()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                run_backbone(batch["images"].to(device))
+        bn_owner.eval()
+        yield
+    finally:
+        for m, (momentum, state) in zip(bns, saved):
+            m.momentum = momentum
+            m.load_state_dict(state)
+        for m, was in modes.items():
+            m.train(was)
+
+
+def evaluate_precise_bn(stage: nn.Module, val_loaders: dict, bn_loaders: dict, tasks: dict[str, str],
+                        num_classes: dict[str, int], max_batches: int | None = None,
+                        bn_batches: int | None = None) -> dict[str, float]:
+    """Validation metric per source with BatchNorm statistics re-estimated on that source's
+    train images first (see :func:`precise_bn`); keys ``<source>/precise_bn``."""
+    out: dict[str, float] = {}
+    for name, val in val_loaders.items():
+        if name not in bn_loaders:
+            continue
+        task = tasks[name]
+        with precise_bn(stage.product(), lambda x, t=task: stage.run_backbone(x, t), bn_loaders[name], bn_batches):
+            score = evaluate_sources(stage.predict, {name: val}, tasks, num_classes, max_batches=max_batches,
+                                     module=None, device=next(stage.parameters()).device)
+        out[f"{name}/precise_bn"] = score[name]
     return out
 
 

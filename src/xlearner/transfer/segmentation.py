@@ -18,23 +18,27 @@ from xlearner.transfer.features import (finetune_end_to_end, freeze, infinite_in
                                         progress, train_head)
 
 
-def build_seg(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int):
-    from xlearner.models.heads import FPNNeck, SegHead
+def build_seg(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, head: str = "fpn"):
+    """``fpn``: FPN neck + Panoptic-FPN head; ``linear``: a linear dense probe on the raw features."""
+    from xlearner.models.heads import FPNNeck, LinearSegHead, SegHead, _PassFeatures
 
     torch.manual_seed(seed)
+    if head == "linear":
+        return _PassFeatures(), LinearSegHead(list(backbone.channels), num_classes, list(backbone.strides))
+    if head != "fpn":
+        raise ValueError(f"seg transfer head must be fpn or linear, got {head!r}")
     neck = FPNNeck(list(backbone.channels), fpn_channels)
-    head = SegHead(fpn_channels, num_classes, list(backbone.strides))
-    return neck, head
+    return neck, SegHead(fpn_channels, num_classes, list(backbone.strides))
 
 
 def transfer_seg(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
                  batch_size: int, seed: int, mode: str = "frozen", fpn_channels: int = 64, augment=None,
                  cache: dict | None = None, show_progress: bool = True, resize: str = "square",
-                 original: bool = False) -> dict[str, Any]:
-    """Train neck + SegHead, return {"mIoU", "pixel_acc", "final_loss"} (+ "per_class_iou" with
-    ``original``) on ``test_ds``. ``resize``: the source's square | keep_ratio."""
+                 original: bool = False, head: str = "fpn") -> dict[str, Any]:
+    """Train neck + head (``fpn`` or ``linear``), return {"mIoU", "pixel_acc", "final_loss"} (+ "per_class_iou"
+    with ``original``) on ``test_ds``. ``resize``: the source's square | keep_ratio."""
     dev = next(backbone.parameters()).device
-    neck, head = build_seg(backbone, num_classes, fpn_channels, seed)
+    neck, head = build_seg(backbone, num_classes, fpn_channels, seed, head)
     neck.to(dev), head.to(dev)
     neck.train(), head.train()
     image_size = (size, size)

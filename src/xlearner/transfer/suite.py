@@ -195,7 +195,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
                 from xlearner.transfer.segmentation import transfer_seg
 
                 r = transfer_seg(backbone, train, test, num_classes, seed=s, mode=mode,
-                                 fpn_channels=cfg.fpn_channels, cache=cache, **common, **geometry)
+                                 fpn_channels=cfg.fpn_channels, cache=cache, head=tc.seg_head, **common, **geometry)
                 scores.append(r["mIoU"])
                 add("pixel_acc", r["pixel_acc"])
                 if "per_class_iou" in r:
