@@ -514,10 +514,15 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     rows = []
     for m in methods:
         c = res["costs"][m]
-        rows.append([m, ", ".join(c["stages"]) or "-", _fmt_num(c["images_seen"]),
+        external = m == "imagenet" and not c["stages"]  # pretrained outside this run
+        rows.append([m, "external: ImageNet-1k (torchvision)" if external else (", ".join(c["stages"]) or "-"),
+                     _fmt_num(c["images_seen"]),
                      _fmt_num(float(c["gflops"]) if c["gflops"] is not None else None),
                      _fmt_num(c["steps"]), _fmt_num(c["backbone_params"])])
     L += _table(["method", "stages", "images seen", "GFLOPs", "steps", "backbone params"], rows) + [""]
+    if "imagenet" in res["costs"] and not res["costs"]["imagenet"]["stages"]:
+        L += ["`imagenet` is torchvision's ImageNet MobileNetV2: its pretraining (1.28 M images, about 90 "
+              "epochs) happened outside this run and is not counted here.", ""]
     missing = {m: c["missing_stages"] for m, c in res["costs"].items() if c["missing_stages"]}
     if missing:
         L += ["Stages without a run.json (not counted): " +
