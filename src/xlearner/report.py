@@ -521,8 +521,8 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                      _fmt_num(c["steps"]), _fmt_num(c["backbone_params"])])
     L += _table(["method", "stages", "images seen", "GFLOPs", "steps", "backbone params"], rows) + [""]
     if "imagenet" in res["costs"] and not res["costs"]["imagenet"]["stages"]:
-        L += ["`imagenet` is torchvision's ImageNet MobileNetV2: its pretraining (1.28 M images, about 90 "
-              "epochs) happened outside this run and is not counted here.", ""]
+        L += ["`imagenet` is torchvision's ImageNet MobileNetV2: its pretraining (1.28 M images, 300 epochs in "
+              "torchvision's recipe) happened outside this run and is not counted here.", ""]
     missing = {m: c["missing_stages"] for m, c in res["costs"].items() if c["missing_stages"]}
     if missing:
         L += ["Stages without a run.json (not counted): " +
