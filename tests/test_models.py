@@ -145,7 +145,9 @@ def test_task_heads_outputs():
     assert th.head_forward("b", feats).shape == (2, 3)
     assert th.head_forward("s", feats).shape == (2, 4, 64, 64)
     fpn = th.head_forward("d", feats)
-    assert [f.shape for f in fpn] == [(2, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    # the det neck gives FCOS's P3..P7 (strides 8..128; P6 and P7 of a 64 px image are 1x1)
+    assert [f.shape for f in fpn] == [(2, 32, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2), (2, 32, 1, 1), (2, 32, 1, 1)]
+    assert th.heads["d"].strides == [8, 16, 32, 64, 128]
 
 
 def _fpn_feats():

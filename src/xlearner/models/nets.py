@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from xlearner.config import BackboneConfig
 from xlearner.models.backbone import Backbone
-from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead
+from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead, build_det_neck
 from xlearner.models.reconciliation import Reconciliation
 
 
@@ -30,9 +30,13 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 class TaskHeads(nn.Module):
-    """A neck per task present (shared by that task's sources) and a head per source."""
+    """A neck per task present (shared by that task's sources) and a head per source.
 
-    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64):
+    ``det_image_size``: the side of the det sources' images; it picks the det head's pyramid
+    levels (``heads.det_levels``; None: all of FCOS's P3..P7)."""
+
+    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64,
+                 det_image_size: int | None = None):
         super().__init__()
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -40,14 +44,20 @@ class TaskHeads(nn.Module):
         self.sources = {s.name: s for s in sources}
         self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in sources)]
         self.necks = nn.ModuleDict()
+        det_strides = None
         for t in self.tasks:
-            self.necks[t] = ClsNeck() if t == "cls" else FPNNeck(channels, fpn_channels)
+            if t == "cls":
+                self.necks[t] = ClsNeck()
+            elif t == "det":  # FCOS's levels P3..P7: see heads.det_levels
+                self.necks[t], det_strides = build_det_neck(channels, strides, fpn_channels, det_image_size)
+            else:
+                self.necks[t] = FPNNeck(channels, fpn_channels)
         self.heads = nn.ModuleDict()
         for s in sources:
             if s.task == "cls":
                 self.heads[s.name] = ClsHead(channels[-1], s.num_classes)
             elif s.task == "det":
-                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, strides)
+                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, det_strides)
             elif s.task == "seg":
                 self.heads[s.name] = SegHead(fpn_channels, s.num_classes, strides)
             else:

@@ -110,6 +110,12 @@ def source_specs(sources: Sequence[SourceConfig], datasets: dict) -> list:
     return [SourceSpec(s.name, s.task, int(datasets[s.name].num_classes)) for s in sources]
 
 
+def det_image_size(cfg: RunConfig, specs) -> int | None:
+    """The largest image side of the det sources among ``specs`` (it picks the det head's levels)."""
+    names = {s.name for s in specs if s.task == "det"}
+    return max((cfg.size_of(s) for s in cfg.sources if s.name in names), default=None)
+
+
 def source_records(sources: Sequence[SourceConfig], datasets: dict) -> list[dict]:
     return [{"name": s.name, "task": s.task, "num_classes": int(datasets[s.name].num_classes),
              "class_names": list(getattr(datasets[s.name], "class_names", []) or [])} for s in sources]
