@@ -93,6 +93,23 @@ def test_detach_others_isolates_gradients(detach):
     assert nonzero == (not detach)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_branches_build_no_autograd_graph(detach):
+    """With detach_others the other branches' gradient is zero by design: they run without a graph
+    (cheaper), while the kept branch and its incoming reconcilers still learn."""
+    net = _expanded(detach_others=detach)
+    _perturb_reconcilers(net)
+    graph = []
+    hooks = [st.register_forward_hook(lambda m, i, o: graph.append(o.requires_grad))
+             for t in ("cls", "seg") for st in net.backbones[t].stages]
+    net.branch_features(_x(32), "det")[-1].pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    assert graph and all(g == (not detach) for g in graph)
+    r = net.reconcilers["s1"]["det_from_cls"].conv.weight
+    assert r.grad is not None and r.grad.abs().sum() > 0
+
+
 def _count_calls(net):
     calls = {}
     for t, bb in net.backbones.items():

@@ -30,8 +30,13 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
+MODEL_LAYOUT = 2
+"""Bumped when the models' layout or losses change for the same config (2: det head on FCOS's
+levels P3..P7, no stride-4 level): finished parts of an older layout are not reused."""
+
+
 def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps((MODEL_LAYOUT, *parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _sections(cfg: RunConfig, *names: str) -> dict:

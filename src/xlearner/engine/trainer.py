@@ -355,7 +355,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            row.append(torch.tensor(float(n_img), device=device))
+            # a fill kernel, not torch.tensor(): a copy from pageable host memory would wait for the GPU
+            row.append(torch.full((), float(n_img), device=device))
             pending.append((step, lr, torch.stack(row)))
             log.advance()
 

@@ -6,8 +6,10 @@ layers + ``TaskHeads`` (the expansion stage). Neither knows about losses or opti
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from xlearner.config import BackboneConfig
@@ -134,16 +136,23 @@ class ExpandedNet(nn.Module):
         """Stages 1..this run in every branch; after it only the batch's own branch continues."""
         return max(self.reconcile_after) if self.reconcile_after else 0
 
-    def _reconcile(self, stage: int, feats: dict[str, Tensor], targets: list[str]) -> dict[str, Tensor]:
+    def _graph(self, t: str, keep: list[str]):
+        """Autograd for branch ``t``: with ``detach_others`` a branch outside ``keep`` reaches the
+        kept ones only through ``.detach()``, so its gradient is zero: run it without a graph."""
+        return torch.no_grad() if self.detach_others and t not in keep else nullcontext()
+
+    def _reconcile(self, stage: int, feats: dict[str, Tensor], targets: list[str],
+                   keep: list[str] | None = None) -> dict[str, Tensor]:
         rs = self.reconcilers[f"s{stage}"]
         out = dict(feats)
         for t in targets:
-            update = 0
-            for u in self.tasks:
-                if u != t:
-                    fu = feats[u].detach() if self.detach_others else feats[u]
-                    update = update + rs[f"{t}_from_{u}"](fu)
-            out[t] = feats[t] + update
+            with self._graph(t, keep if keep is not None else self.tasks):
+                update = 0
+                for u in self.tasks:
+                    if u != t:
+                        fu = feats[u].detach() if self.detach_others else feats[u]
+                        update = update + rs[f"{t}_from_{u}"](fu)
+                out[t] = feats[t] + update
         return out
 
     def _run(self, images: Tensor, keep: list[str]) -> dict[str, list[Tensor]]:
@@ -154,10 +163,14 @@ class ExpandedNet(nn.Module):
         for i in range(self.num_stages):
             stage = i + 1
             running = list(x) if stage <= last else keep
-            x = {t: self.backbones[t].stages[i](x[t]) for t in running}
+            nxt = {}
+            for t in running:
+                with self._graph(t, keep):
+                    nxt[t] = self.backbones[t].stages[i](x[t])
+            x = nxt
             if stage in self.reconcile_after:
                 # at the last exchange only the kept branches need the update
-                x = self._reconcile(stage, x, keep if stage == last else self.tasks)
+                x = self._reconcile(stage, x, keep if stage == last else self.tasks, keep)
             for t in keep:
                 outs[t].append(x[t])
         return outs

@@ -152,11 +152,12 @@ def task_loss(task: str, head: nn.Module, neck_feats, batch: dict) -> Tensor:
 
 
 def seg_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels not ignored; 0 (graph kept) when all are ignored.
+    Sum / count on the device: no host synchronisation to test for the all-ignored case."""
     if logits.shape[-2:] != masks.shape[-2:]:
         logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    if not (masks != IGNORE_INDEX).any():
-        return logits.sum() * 0.0  # every pixel ignored: keep the graph, no signal
-    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def predict(task: str, head: nn.Module, neck_feats, images: Tensor):

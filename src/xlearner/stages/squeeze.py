@@ -187,14 +187,14 @@ class SqueezeStage(nn.Module):
             use_kd = self.kd_weight > 0 and task == "cls" and source in t_heads
             if not self.adapters and not use_kd:
                 continue
-            with torch.no_grad():
+            with torch.inference_mode():  # frozen: no graph, no version counting (bf16 under the engine's autocast)
                 t_feats = self.teacher.branch_features(images, task)
             if self.adapters:
                 per_stage = [feature_distill_loss(self.adapters[task][j](feats[i - 1]), t_feats[i - 1])
                              for j, i in enumerate(self.distill_stages)]
                 distill.setdefault(task, []).append(torch.stack(per_stage).mean())
             if use_kd:
-                with torch.no_grad():
+                with torch.inference_mode():
                     t_logits = t_heads[source](t_necks[task](t_feats))
                 losses[f"kd/{source}"] = self.kd_weight * kd_loss(heads[source](neck_out), t_logits, self.temperature)
         for task, items in distill.items():
