@@ -133,8 +133,8 @@ class _NoBackbone(nn.Module):
 def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor]:
     """A list of per-image ``{"boxes" (n,4), "labels" (n,)}`` -> boxes (B, M, 4) float32 and
     labels (B, M) int64 padded with -1 (M >= 1): one tensor per field for the whole batch."""
-    boxes = [t["boxes"].to(device, torch.float32).reshape(-1, 4) for t in targets]
-    labels = [t["labels"].to(device, torch.int64).reshape(-1) for t in targets]
+    boxes = [torch.as_tensor(t["boxes"]).to(device, torch.float32).reshape(-1, 4) for t in targets]
+    labels = [torch.as_tensor(t["labels"]).to(device, torch.int64).reshape(-1) for t in targets]
     if max((len(lb) for lb in labels), default=0) == 0:
         return torch.zeros(len(targets), 1, 4, device=device), torch.full((len(targets), 1), -1, device=device)
     return (nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.0),
@@ -256,10 +256,17 @@ class DetHead(FCOS):
         num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
         return head_outputs, anchors, num_anchors_per_level
 
-    def losses(self, features: list[Tensor], image_size: tuple[int, int], targets: list[dict]) -> dict[str, Tensor]:
-        """FCOS losses: ``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE)."""
+    def losses(self, features: list[Tensor], image_size: tuple[int, int],
+               targets: list[dict] | tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """FCOS losses: ``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE).
+
+        ``targets``: per-image ``{"boxes", "labels"}`` dicts, or the padded ``(boxes (B, M, 4),
+        labels (B, M), -1 = padding)`` of :func:`pad_targets` / the training loader's det batches."""
         head_outputs, anchors, per_level = self._run(features, image_size)
-        boxes, labels = pad_targets(targets, anchors.device)
+        if isinstance(targets, tuple):
+            boxes, labels = targets[0].to(anchors.device, torch.float32), targets[1].to(anchors.device, torch.int64)
+        else:
+            boxes, labels = pad_targets(targets, anchors.device)
         matched = fcos_match(anchors, per_level, boxes, labels, self.center_sampling_radius)
         return fcos_loss(head_outputs, anchors, matched, boxes, labels, self.box_coder)
 

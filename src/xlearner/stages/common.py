@@ -142,8 +142,9 @@ def task_loss(task: str, head: nn.Module, neck_feats, batch: dict) -> Tensor:
     """
     if task == "cls":
         return F.cross_entropy(head(neck_feats), batch["labels"])
-    if task == "det":
-        losses = head.losses(neck_feats, image_size_of(batch["images"]), batch["targets"])
+    if task == "det":  # the training loader's padded boxes/labels, or a per-image targets list
+        targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
+        losses = head.losses(neck_feats, image_size_of(batch["images"]), targets)
         return sum(losses.values())
     if task == "seg":
         logits = head(neck_feats, image_size_of(batch["images"]))

@@ -60,7 +60,7 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
         losses = train_head(step, neck, head, lr=lr, steps=steps, show_progress=show_progress, desc="det head")
     elif mode == "finetune":
         def batch_loss(b):
-            tg = [{k: v.to(dev) for k, v in t.items()} for t in b["targets"]]
+            tg = (b["boxes"].to(dev), b["labels"].to(dev))  # the training loader's padded layout
             return sum(head.losses(neck(backbone(b["images"].to(dev))), image_size, tg).values())
 
         losses = finetune_end_to_end(batch_loss, backbone, neck, head, train_ds, "det", size=size, batch_size=bs,
