@@ -137,7 +137,7 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     clip_grad: float | None = 5.0
     amp: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on CUDA and on the CPU (tests the GPU path)."""
     channels_last: bool = False
     compile: bool = False
     num_workers: int = Field(0, ge=0)
