@@ -214,6 +214,9 @@ class RunConfig(_Strict):
     seed: int = 0
     image_size: int = Field(64, ge=8)
     fpn_channels: int = Field(64, ge=8)
+    det_head_convs: int = Field(4, ge=1)
+    """Conv layers of each upstream FCOS tower (classification and box); FCOS uses 4. The
+    upstream heads are a training signal for the backbone and are not transferred."""
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     augment: AugmentSet = Field(default_factory=AugmentSet)
     """Per-task training augmentation; ``augment.of(task)``."""

@@ -44,7 +44,7 @@ def _sections(cfg: RunConfig, *names: str) -> dict:
     return {n: d[n] for n in names}
 
 
-UPSTREAM = ("seed", "image_size", "fpn_channels", "backbone", "augment", "sources", "train")
+UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "backbone", "augment", "sources", "train")
 
 
 @dataclass

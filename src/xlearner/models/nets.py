@@ -35,10 +35,11 @@ class TaskHeads(nn.Module):
     """A neck per task present (shared by that task's sources) and a head per source.
 
     ``det_image_size``: the side of the det sources' images; it picks the det head's pyramid
-    levels (``heads.det_levels``; None: all of FCOS's P3..P7)."""
+    levels (``heads.det_levels``; None: all of FCOS's P3..P7). ``det_head_convs``: the depth
+    of the det heads' towers."""
 
     def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64,
-                 det_image_size: int | None = None):
+                 det_image_size: int | None = None, det_head_convs: int = 4):
         super().__init__()
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -59,7 +60,7 @@ class TaskHeads(nn.Module):
             if s.task == "cls":
                 self.heads[s.name] = ClsHead(channels[-1], s.num_classes)
             elif s.task == "det":
-                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, det_strides)
+                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, det_strides, num_convs=det_head_convs)
             elif s.task == "seg":
                 self.heads[s.name] = SegHead(fpn_channels, s.num_classes, strides)
             else:

@@ -51,7 +51,7 @@ def build_shared_net(cfg: RunConfig, specs: list) -> nn.Module:
 
     backbone = Backbone(cfg.backbone)
     return SharedNet(backbone, TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels,
-                                         det_image_size(cfg, specs)))
+                                         det_image_size(cfg, specs), cfg.det_head_convs))
 
 
 class BaselineStage(nn.Module):

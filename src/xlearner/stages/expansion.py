@@ -22,7 +22,8 @@ def build_expanded_net(cfg: RunConfig, specs: list) -> nn.Module:
 
     probe = Backbone(cfg.backbone.model_copy(update={"weights": None}))  # channels/strides only
     tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in specs)]
-    heads = TaskHeads(specs, probe.channels, probe.strides, cfg.fpn_channels, det_image_size(cfg, specs))
+    heads = TaskHeads(specs, probe.channels, probe.strides, cfg.fpn_channels, det_image_size(cfg, specs),
+                      cfg.det_head_convs)
     del probe
     return ExpandedNet(cfg.backbone, tasks, heads, reconcile_after=list(cfg.expansion.reconcile_after),
                        detach_others=cfg.expansion.detach_others,

@@ -102,7 +102,8 @@ def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
             raise ConfigError(f"squeeze.init={init}: the expansion model has no '{task}' branch "
                               f"(its tasks: {list(teacher.backbones.keys())})")
         backbone.load_state_dict(teacher.backbones[task].state_dict(), strict=True)
-    heads = TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels, det_image_size(cfg, specs))
+    heads = TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels, det_image_size(cfg, specs),
+                      cfg.det_head_convs)
     own = heads.state_dict()
     given = teacher.task_heads.state_dict()
     copy = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
