@@ -1,8 +1,10 @@
 """Throughput of MultiSourceLoader: composed 64x64 det scenes vs the same loader over in-memory tensors.
 
 The ratio says how much of the loader's time goes to generating/decoding samples rather than
-to the loader machinery + transforms (which both runs share). Usage:
-    .venv/bin/python benchmarks/bench_loader.py [--batches 40] [--workers 2] [--batch-size 32]
+to the loader machinery + transforms (which both runs share). "main ms/batch" is the main
+process's CPU time per batch (receiving the collated batch from a worker): batch size / that
+is the rate no worker count can exceed. Usage:
+    .venv/bin/python benchmarks/bench_loader.py [--batches 40] [--workers 1,2] [--batch-size 32]
 """
 from __future__ import annotations
 
@@ -35,38 +37,40 @@ class InMemoryDet(Dataset):
         return self.images[i], {"boxes": self.boxes.clone(), "labels": torch.zeros(2, dtype=torch.int64)}
 
 
-def samples_per_second(ds: Dataset, batches: int, batch_size: int, workers: int, size: int = 64) -> float:
+def samples_per_second(ds: Dataset, batches: int, batch_size: int, workers: int, size: int = 64) -> tuple[float, float]:
+    """(samples/s, main-process CPU ms per batch)."""
     tf = build_transform("det", size, train=True, augment=AugmentSet().of("det"))
     loader = MultiSourceLoader({"s": ds}, {"s": batch_size}, {"s": tf}, {"s": "det"}, seed=0,
                                num_workers=workers)
     for _ in range(3):  # start workers, fill the prefetch queue
         next(loader)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(batches):
         next(loader)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
     loader.close()
-    return batches * batch_size / dt
+    return batches * batch_size / dt, 1e3 * cpu / batches
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="2", help="worker counts, comma-separated (e.g. 1,2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = SourceConfig(name="glyphs", task="det", format="embedded", dataset="composed_det_glyphs",
                        composer=ComposerConfig(canvas_size=64))
     composed = build_source(cfg, "train")
     memory = InMemoryDet()
-    print(f"MultiSourceLoader, det, 64x64, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.batches} batches (torch threads 1 in the main process)")
-    c = samples_per_second(composed, args.batches, args.batch_size, args.workers)
-    m = samples_per_second(memory, args.batches, args.batch_size, args.workers)
-    print(f"composed_det_glyphs : {c:9.1f} samples/s")
-    print(f"in-memory tensors   : {m:9.1f} samples/s")
-    print(f"ratio composed/memory: {c / m:.2f}")
+    for w in [int(v) for v in str(args.workers).split(",")]:
+        print(f"MultiSourceLoader, det, 64x64, batch {args.batch_size}, {w} workers, "
+              f"{args.batches} batches (torch threads 1 in the main process)")
+        c, cm = samples_per_second(composed, args.batches, args.batch_size, w)
+        m, mm = samples_per_second(memory, args.batches, args.batch_size, w)
+        print(f"composed_det_glyphs : {c:9.1f} samples/s  main {cm:6.2f} ms/batch")
+        print(f"in-memory tensors   : {m:9.1f} samples/s  main {mm:6.2f} ms/batch")
+        print(f"ratio composed/memory: {c / m:.2f}")
 
 
 if __name__ == "__main__":

@@ -230,7 +230,10 @@ def test_evaluate_and_extra_state(tmp_path):
         assert ra["total"] == rb["total"]
 
 
-def test_count_images_and_bf16_on_cpu_warns(tmp_path):
-    with pytest.warns(UserWarning, match="bf16"):
-        res = fit(Toy(), FakeLoader(), cfg(steps=2, amp="bf16"), tmp_path, count_images=lambda b: 7)
-    assert res.images_seen == 14
+def test_count_images_and_bf16_autocast_on_cpu(tmp_path):
+    """train.amp=bf16 runs torch's CPU autocast (the GPU code path, testable on a CPU); auto stays fp32."""
+    for amp, want in (("bf16", torch.bfloat16), ("auto", torch.float32)):
+        toy, dtypes = Toy(), set()
+        toy.head_a.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        res = fit(toy, FakeLoader(), cfg(steps=2, amp=amp), tmp_path / amp, count_images=lambda b: 7)
+        assert res.images_seen == 14 and dtypes == {want}

@@ -54,6 +54,8 @@ def flat(batch):
             out.append(b["masks"])
         for t in b.get("targets", []):
             out += [t["boxes"], t["labels"]]
+        if "boxes" in b:
+            out += [b["boxes"], b["labels"]]
     return out
 
 
@@ -69,9 +71,10 @@ def test_every_source_every_step_with_layouts():
         assert set(batch) == {"c", "d", "s"}
         assert batch["c"]["images"].shape == (4, 3, 16, 16) and batch["c"]["images"].dtype == torch.float32
         assert batch["c"]["labels"].shape == (4,) and batch["c"]["labels"].dtype == torch.int64
-        assert batch["d"]["images"].shape == (3, 3, 16, 16) and len(batch["d"]["targets"]) == 3
-        t = batch["d"]["targets"][0]
-        assert t["boxes"].dtype == torch.float32 and t["boxes"].shape[1] == 4 and t["labels"].dtype == torch.int64
+        d = batch["d"]  # training layout: boxes padded to the batch's most, labels -1 after each image's
+        assert d["images"].shape == (3, 3, 16, 16) and d["boxes"].shape[:1] == (3,) and d["boxes"].shape[2] == 4
+        assert d["boxes"].dtype == torch.float32 and d["labels"].dtype == torch.int64
+        assert d["labels"].shape == d["boxes"].shape[:2] and (d["labels"] >= 0).any()
         assert batch["s"]["masks"].shape == (2, 16, 16) and batch["s"]["masks"].dtype == torch.int64
     assert loader.state_dict() == {"c": 8, "d": 8, "s": 8}
 

@@ -93,6 +93,23 @@ def test_detach_others_isolates_gradients(detach):
     assert nonzero == (not detach)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_branches_build_no_autograd_graph(detach):
+    """With detach_others the other branches' gradient is zero by design: they run without a graph
+    (cheaper), while the kept branch and its incoming reconcilers still learn."""
+    net = _expanded(detach_others=detach)
+    _perturb_reconcilers(net)
+    graph = []
+    hooks = [st.register_forward_hook(lambda m, i, o: graph.append(o.requires_grad))
+             for t in ("cls", "seg") for st in net.backbones[t].stages]
+    net.branch_features(_x(32), "det")[-1].pow(2).mean().backward()
+    for h in hooks:
+        h.remove()
+    assert graph and all(g == (not detach) for g in graph)
+    r = net.reconcilers["s1"]["det_from_cls"].conv.weight
+    assert r.grad is not None and r.grad.abs().sum() > 0
+
+
 def _count_calls(net):
     calls = {}
     for t, bb in net.backbones.items():
@@ -145,7 +162,9 @@ def test_task_heads_outputs():
     assert th.head_forward("b", feats).shape == (2, 3)
     assert th.head_forward("s", feats).shape == (2, 4, 64, 64)
     fpn = th.head_forward("d", feats)
-    assert [f.shape for f in fpn] == [(2, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    # the det neck gives FCOS's P3..P7 (strides 8..128; P6 and P7 of a 64 px image are 1x1)
+    assert [f.shape for f in fpn] == [(2, 32, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2), (2, 32, 1, 1), (2, 32, 1, 1)]
+    assert th.heads["d"].strides == [8, 16, 32, 64, 128]
 
 
 def _fpn_feats():

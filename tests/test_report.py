@@ -188,3 +188,19 @@ def test_upstream_gates_read_precise_bn_figures(run_dir):
     assert "| msmt | fashion | 80.0 | precise BN | 85 | FAIL (not deciding) |" in md
     # separation needs ssst/msst and scratch results: missing here, so the verdict is NO
     assert "Can this run rank backbones? NO" in md
+
+
+def test_gate_failures_read_back_from_results_json(tmp_path, capsys):
+    """One seed: no standard error (NaN, stored as null); the failure is still printed."""
+    from xlearner.report import print_gate_failures
+
+    for m, sc in (("ssst", [0.9]), ("scratch", [0.5])):
+        (tmp_path / "transfer" / m).mkdir(parents=True)
+        (tmp_path / "transfer" / m / "toy.json").write_text(json.dumps(_res("toy", "cls", "top1", sc, 10)))
+    write_report(tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["gates"]["separation"][0]["se"] is None
+    print_gate_failures(res)
+    out = capsys.readouterr().out
+    assert "Can this run rank backbones? NO" in out
+    assert "gate failed: separation toy: ssst - scratch = +40.0 (s.e. -, 1 seeds)" in out

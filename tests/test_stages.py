@@ -377,3 +377,17 @@ def test_squeeze_resumes_without_teacher_in_checkpoint(squeeze_run, expansion_ru
     assert info["cost"]["steps"] == STEPS + 3
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows if "total" in r][-3:] == [STEPS + 1, STEPS + 2, STEPS + 3]
+
+
+def test_seg_loss_is_the_mean_over_kept_pixels_and_zero_when_all_are_ignored():
+    from xlearner.stages.common import seg_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    masks = torch.randint(0, 4, (2, 16, 16))
+    masks[0, :5] = 255
+    up = torch.nn.functional.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seg_loss(logits, masks), torch.nn.functional.cross_entropy(up, masks, ignore_index=255))
+    none = seg_loss(logits, torch.full((2, 16, 16), 255))
+    none.backward()  # the graph is kept: a step whose pixels are all ignored still runs
+    assert none.item() == 0 and logits.grad is not None and logits.grad.abs().sum() == 0

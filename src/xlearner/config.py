@@ -189,7 +189,7 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     clip_grad: float | None = 5.0
     amp: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on CUDA and on the CPU (tests the GPU path)."""
     channels_last: bool = False
     compile: bool = False
     num_workers: int = Field(0, ge=0)
@@ -307,6 +307,9 @@ class RunConfig(_Strict):
     seed: int = 0
     image_size: int = Field(64, ge=8)
     fpn_channels: int = Field(64, ge=8)
+    det_head_convs: int = Field(4, ge=1)
+    """Conv layers of each upstream FCOS tower (classification and box); FCOS uses 4. The
+    upstream heads are a training signal for the backbone and are not transferred."""
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     augment: AugmentSet = Field(default_factory=AugmentSet)
     """Per-task training augmentation; ``augment.of(task)``."""

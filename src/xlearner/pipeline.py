@@ -70,8 +70,13 @@ def imagenet_compatible(cfg: RunConfig) -> bool:
     return cfg.backbone.name == "tv:mobilenet_v2" and not cfg.backbone.kwargs
 
 
+MODEL_LAYOUT = 2
+"""Bumped when the models' layout or losses change for the same config (2: det head on FCOS's
+levels P3..P7, no stride-4 level): finished parts of an older layout are not reused."""
+
+
 def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps((MODEL_LAYOUT, *parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _sections(cfg: RunConfig, *names: str) -> dict:
@@ -79,7 +84,7 @@ def _sections(cfg: RunConfig, *names: str) -> dict:
     return {n: d[n] for n in names}
 
 
-UPSTREAM = ("seed", "image_size", "fpn_channels", "backbone", "augment", "sources", "train")
+UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "backbone", "augment", "sources", "train")
 
 
 @dataclass

@@ -309,8 +309,10 @@ def gate_failures(res: dict[str, Any]) -> list[str]:
             if r["gain"] is None:
                 out.append(f"separation {r['dataset']}: {r.get('why', 'no results')}")
             else:
+                se = r.get("se")  # NaN in memory, None once read back from results.json
+                se = "-" if se is None or math.isnan(se) else f"{se:.1f}"
                 out.append(f"separation {r['dataset']}: {r['method']} - scratch = {r['gain']:+.1f} "
-                           f"(s.e. {r['se']:.1f}, {r['n']} seeds)")
+                           f"(s.e. {se}, {r['n']} seeds)")
     if g and not g.get("checked"):
         out.append("no gate could be checked (no gated source trained, no downstream dataset)")
     return out
@@ -330,7 +332,7 @@ def _fmt_num(v: Any) -> str:
 
 
 def _signed(v: float) -> str:
-    return f"{v:+.1f}"
+    return f"{v:+.1f}".replace("-0.0", "+0.0")  # a gain that rounds to zero has no sign
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,7 +1,8 @@
 """Necks (per task) and heads (per source).
 
 cls: ``ClsNeck`` (global average pool of the last feature) + ``ClsHead`` (linear).
-det: ``FPNNeck`` + ``DetHead`` (torchvision FCOS head, its loss and post-processing).
+det: ``FPNNeck`` from C3 on (FCOS's levels, see ``det_levels``) + ``DetHead`` (torchvision's FCOS head and
+post-processing; target assignment and loss vectorised over the batch, same values).
 seg: ``FPNNeck`` + ``SegHead`` (Panoptic-FPN semantic head).
 Model code only: losses that belong to a head's definition (FCOS) live here, the
 weighting of losses across sources does not.
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 
 class ClsNeck(nn.Module):
@@ -39,16 +41,80 @@ class ClsHead(nn.Module):
 
 
 class FPNNeck(nn.Module):
-    """torchvision FPN over all backbone features; returns a list at the same strides."""
+    """torchvision FPN over backbone features ``first..``; returns a list, finest level first.
 
-    def __init__(self, in_channels_list: list[int], out_channels: int):
+    ``outputs``: how many of the finest levels to return (default: all). Every input level
+    still feeds the top-down path (so the loss reaches every backbone stage), but the 3x3
+    output convs of levels nobody reads are not built: no parameter without a gradient (DDP).
+    ``p6p7`` adds torchvision's ``LastLevelP6P7`` (two stride-2 3x3 convs on the coarsest
+    output), the layout of torchvision's ``fcos_resnet50_fpn``: see :func:`det_levels`.
+    """
+
+    def __init__(self, in_channels_list: list[int], out_channels: int, *, first: int = 0,
+                 outputs: int | None = None, p6p7: bool = False):
         super().__init__()
         self.out_channels = out_channels
-        self.fpn = FeaturePyramidNetwork(list(in_channels_list), out_channels)
+        self.first = int(first)
+        ins = list(in_channels_list)[self.first:]
+        self.outputs = len(ins) if outputs is None else int(outputs)
+        if not 1 <= self.outputs <= len(ins) or (p6p7 and self.outputs != len(ins)):
+            raise ValueError(f"FPNNeck: outputs={outputs} must be in 1..{len(ins)} (all of them with p6p7)")
+        extra = LastLevelP6P7(out_channels, out_channels) if p6p7 else None
+        self.fpn = FeaturePyramidNetwork(ins, out_channels, extra_blocks=extra)
+        del self.fpn.layer_blocks[self.outputs:]
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
-        out = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
-        return list(out.values())
+        x = features[self.first:]
+        if self.outputs == len(x):
+            return list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(x))).values())
+        # torchvision's top-down pass, output convs on the finest ``outputs`` levels only
+        inner = self.fpn.inner_blocks
+        last = inner[-1](x[-1])
+        results = []
+        for idx in range(len(x) - 2, -1, -1):
+            lateral = inner[idx](x[idx])
+            last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
+            if idx < self.outputs:
+                results.insert(0, self.fpn.layer_blocks[idx](last))
+        return results
+
+
+def det_levels(strides: list[int], image_size: int | None = None) -> tuple[int, list[int]]:
+    """(first backbone feature the det neck reads, strides of the det head's levels).
+
+    FCOS's levels are P3..P7 (strides 8..128), as in the FCOS paper and torchvision's
+    ``fcos_resnet50_fpn``: P3..P5 from C3..C5, P6/P7 from P5. The stride-4 level is left
+    out: it has 4x the locations of P3 (3/4 of all), so the head's convs would cost 4x
+    more there, and standard FCOS has no use for it. Of P3..P7 the head runs on the levels
+    a box of an image of side ``image_size`` can be assigned to: FCOS gives a location of
+    stride s the boxes whose largest location-to-edge distance is in (4s, 8s) (the first
+    level from 0, the last up to infinity), and in an image of side L that distance is
+    below L, so a level with 4s >= L could only ever hold background. 64 px images: P3
+    alone; 96 px: P3, P4; 640 px: P3..P7 (P6 and P7 come together). Every backbone level
+    from C3 on still feeds the FPN's top-down path. ``image_size=None``: all of P3..P7.
+    A backbone without a stride >= 8 feature uses its last feature.
+    """
+    first = next((i for i, s in enumerate(strides) if s >= 8), len(strides) - 1)
+    base = [int(s) for s in strides[first:]]
+    levels = base + [2 * base[-1], 4 * base[-1]]
+    keep = len(levels)
+    if image_size is not None:
+        keep = 1
+        while keep < len(levels) and 4 * levels[keep] < int(image_size):
+            keep += 1
+        if keep > len(base):
+            keep = len(levels)
+    return first, levels[:keep]
+
+
+def build_det_neck(channels: list[int], strides: list[int], fpn_channels: int,
+                   image_size: int | None = None) -> tuple[FPNNeck, list[int]]:
+    """The det neck (FPN from C3 on, outputs on :func:`det_levels`) and its output strides, for ``DetHead``."""
+    first, head_strides = det_levels(strides, image_size)
+    n_base = len(strides) - first
+    p6p7 = len(head_strides) > n_base
+    return FPNNeck(channels, fpn_channels, first=first, outputs=n_base if p6p7 else len(head_strides),
+                   p6p7=p6p7), head_strides
 
 
 def _groups(channels: int) -> int:
@@ -64,6 +130,73 @@ class _NoBackbone(nn.Module):
         self.out_channels = out_channels
 
 
+def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor]:
+    """A list of per-image ``{"boxes" (n,4), "labels" (n,)}`` -> boxes (B, M, 4) float32 and
+    labels (B, M) int64 padded with -1 (M >= 1): one tensor per field for the whole batch."""
+    boxes = [torch.as_tensor(t["boxes"]).to(device, torch.float32).reshape(-1, 4) for t in targets]
+    labels = [torch.as_tensor(t["labels"]).to(device, torch.int64).reshape(-1) for t in targets]
+    if max((len(lb) for lb in labels), default=0) == 0:
+        return torch.zeros(len(targets), 1, 4, device=device), torch.full((len(targets), 1), -1, device=device)
+    return (nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.0),
+            nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1))
+
+
+def fcos_match(anchors: Tensor, num_anchors_per_level: list[int], boxes: Tensor, labels: Tensor,
+               center_sampling_radius: float) -> Tensor:
+    """Matched box index per anchor, (B, A), -1 for background: torchvision FCOS's rules
+    (centre sampling, inside the box, the level's scale range, smallest box wins) for the
+    whole batch at once. ``anchors`` (A, 4) are shared by every image; ``boxes`` (B, M, 4) and
+    ``labels`` (B, M) come from :func:`pad_targets` (label -1: padding)."""
+    centers = (anchors[:, :2] + anchors[:, 2:]) / 2                      # (A, 2)
+    sizes = anchors[:, 2] - anchors[:, 0]                                # (A,)
+    gt_centers = (boxes[..., :2] + boxes[..., 2:]) / 2                   # (B, M, 2)
+    match = ((centers[None, :, None, :] - gt_centers[:, None, :, :]).abs().amax(dim=3)
+             < center_sampling_radius * sizes[None, :, None])             # (B, A, M)
+    x, y = centers[None, :, None, 0], centers[None, :, None, 1]           # (1, A, 1)
+    x0, y0, x1, y1 = boxes[:, None, :, :].unbind(dim=3)                   # (B, 1, M)
+    dist = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=3)           # (B, A, M, 4)
+    match &= dist.amin(dim=3) > 0
+    lower = sizes * 4
+    lower[: num_anchors_per_level[0]] = 0
+    upper = sizes * 8
+    upper[-num_anchors_per_level[-1]:] = float("inf")
+    far = dist.amax(dim=3)
+    match &= (far > lower[None, :, None]) & (far < upper[None, :, None]) & (labels[:, None, :] >= 0)
+    areas = (x1 - x0) * (y1 - y0)                                         # (B, 1, M)
+    best, idx = (match.to(torch.float32) * (1e8 - areas)).max(dim=2)
+    return torch.where(best < 1e-5, torch.full_like(idx, -1), idx)
+
+
+def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor,
+              box_coder) -> dict[str, Tensor]:
+    """torchvision FCOSHead.compute_loss over the batch at once: sigmoid focal loss, GIoU loss and
+    centerness BCE, each summed and divided by max(1, foreground count). Masked sums instead of
+    boolean indexing, and the count stays on the device: no host synchronisation."""
+    cls_logits = head_outputs["cls_logits"].float()                       # (B, A, K)
+    bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
+    ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
+    fg = matched >= 0
+    idx = matched.clamp(min=0)
+    gt_boxes = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (B, A, 4)
+    gt_labels = torch.gather(labels, 1, idx)                              # (B, A)
+    num_fg = fg.sum().clamp(min=1).to(torch.float32)
+    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
+    onehot = ((gt_labels[..., None] == classes) & fg[..., None]).to(cls_logits.dtype)
+    loss_cls = sigmoid_focal_loss(cls_logits, onehot, reduction="sum")
+    anchors_b = anchors[None].expand_as(bbox_regression)
+    pred_boxes = box_coder.decode(bbox_regression, anchors_b)
+    # background locations get their own anchor as target: finite terms, masked out below
+    safe_boxes = torch.where(fg[..., None], gt_boxes, anchors_b)
+    loss_reg = (generalized_box_iou_loss(pred_boxes, safe_boxes, reduction="none") * fg).sum()
+    reg_targets = box_coder.encode(anchors_b, safe_boxes)
+    lr, tb = reg_targets[..., [0, 2]], reg_targets[..., [1, 3]]
+    gt_ctr = torch.sqrt((lr.amin(dim=-1) / lr.amax(dim=-1)) * (tb.amin(dim=-1) / tb.amax(dim=-1)))
+    gt_ctr = torch.where(fg, gt_ctr, torch.zeros_like(gt_ctr))
+    loss_ctr = (F.binary_cross_entropy_with_logits(ctrness, gt_ctr, reduction="none") * fg).sum()
+    return {"classification": loss_cls / num_fg, "bbox_regression": loss_reg / num_fg,
+            "bbox_ctrness": loss_ctr / num_fg}
+
+
 class DetHead(FCOS):
     """torchvision FCOS on our FPN features.
 
@@ -71,10 +204,14 @@ class DetHead(FCOS):
     than RetinaNet (no anchor scales/ratios to tune per dataset), and robust for small
     objects on small images (every location inside a box can be a positive, with
     centre sampling). We reuse torchvision's head, its anchor convention (one
-    anchor per location, size = the level's stride), its loss (``compute_loss``),
-    box coder and ``postprocess_detections``. Its ``GeneralizedRCNNTransform`` is skipped:
-    our images are already resized and normalised, and boxes are in input pixels.
-    Labels are 0..K-1 for ``num_classes=K`` (no background class: sigmoid focal loss).
+    anchor per location, size = the level's stride), box coder and
+    ``postprocess_detections``; its target assignment and loss are computed for the whole
+    batch at once (:func:`fcos_match`, :func:`fcos_loss`: the same values as torchvision's
+    ``compute_loss``, without its per-image Python loop and host synchronisation). Its
+    ``GeneralizedRCNNTransform`` is skipped: our images are already resized and normalised,
+    and boxes are in input pixels. ``strides``: those of the features it is given
+    (:func:`build_det_neck`). Labels are 0..K-1 for ``num_classes=K`` (no background class:
+    sigmoid focal loss).
     """
 
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], *, num_convs: int = 4,
@@ -91,31 +228,57 @@ class DetHead(FCOS):
         del self.backbone, self.transform  # not used: see the class docstring
         self.num_classes = num_classes
         self.strides = list(strides)
+        self._anchor_cache: dict = {}
+
+    def anchors_for(self, features: list[Tensor], image_size: tuple[int, int]) -> Tensor:
+        """The (A, 4) anchors of one image (every image of a batch shares them), cached per shape."""
+        h, w = int(image_size[0]), int(image_size[1])
+        grids = tuple(tuple(int(v) for v in f.shape[-2:]) for f in features)
+        key = (h, w, grids, features[0].device)
+        anchors = self._anchor_cache.get(key)
+        if anchors is None:
+            # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
+            # even under bf16 autocast: bf16 would round pixel coordinates above 256 to 2+ px)
+            empty = features[0].new_empty((1, 0, h, w), dtype=torch.float32)
+            images = ImageList(empty, [(h, w)])
+            anchors = self.anchor_generator(images, [empty.new_empty((1, 0) + g) for g in grids])[0]
+            if len(self._anchor_cache) > 16:
+                self._anchor_cache.clear()
+            self._anchor_cache[key] = anchors
+        return anchors
 
     def _run(self, features: list[Tensor], image_size: tuple[int, int]):
+        if len(features) != len(self.strides):
+            raise ValueError(f"DetHead expects {len(self.strides)} feature levels (strides {self.strides}), "
+                             f"got {len(features)}")
         head_outputs = self.head(features)
-        b = features[0].shape[0]
-        h, w = int(image_size[0]), int(image_size[1])
-        # AnchorGenerator only reads the image tensor's shape: an empty (B, 0, H, W) suffices
-        images = ImageList(features[0].new_empty((b, 0, h, w)), [(h, w)] * b)
-        anchors = self.anchor_generator(images, features)
+        anchors = self.anchors_for(features, image_size)
         num_anchors_per_level = [f.size(2) * f.size(3) for f in features]
-        return head_outputs, anchors, num_anchors_per_level, images
+        return head_outputs, anchors, num_anchors_per_level
 
-    def losses(self, features: list[Tensor], image_size: tuple[int, int], targets: list[dict]) -> dict[str, Tensor]:
-        """FCOS losses: ``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE)."""
-        head_outputs, anchors, per_level, _ = self._run(features, image_size)
-        targets = [{"boxes": t["boxes"].to(features[0].dtype).reshape(-1, 4), "labels": t["labels"].long()}
-                   for t in targets]
-        return self.compute_loss(targets, head_outputs, anchors, per_level)
+    def losses(self, features: list[Tensor], image_size: tuple[int, int],
+               targets: list[dict] | tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """FCOS losses: ``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE).
+
+        ``targets``: per-image ``{"boxes", "labels"}`` dicts, or the padded ``(boxes (B, M, 4),
+        labels (B, M), -1 = padding)`` of :func:`pad_targets` / the training loader's det batches."""
+        head_outputs, anchors, per_level = self._run(features, image_size)
+        if isinstance(targets, tuple):
+            boxes, labels = targets[0].to(anchors.device, torch.float32), targets[1].to(anchors.device, torch.int64)
+        else:
+            boxes, labels = pad_targets(targets, anchors.device)
+        matched = fcos_match(anchors, per_level, boxes, labels, self.center_sampling_radius)
+        return fcos_loss(head_outputs, anchors, matched, boxes, labels, self.box_coder)
 
     @torch.no_grad()
     def detect(self, features: list[Tensor], image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """Boxes (xyxy, input pixels), scores and labels (0..K-1) per image."""
-        head_outputs, anchors, per_level, images = self._run(features, image_size)
-        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(a.split(per_level)) for a in anchors]
-        return self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+        head_outputs, anchors, per_level = self._run(features, image_size)
+        b = features[0].shape[0]
+        h, w = int(image_size[0]), int(image_size[1])
+        split_outputs = {k: list(v.float().split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(anchors.split(per_level))] * b
+        return self.postprocess_detections(split_outputs, split_anchors, [(h, w)] * b)
 
     def forward(self, features: list[Tensor], image_size: tuple[int, int], targets: list[dict] | None = None):
         return self.losses(features, image_size, targets) if targets is not None else self.detect(features, image_size)

@@ -6,13 +6,15 @@ layers + ``TaskHeads`` (the expansion stage). Neither knows about losses or opti
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from xlearner.config import BackboneConfig
 from xlearner.models.backbone import Backbone
-from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead
+from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead, build_det_neck
 from xlearner.models.reconciliation import MultiStageReconciliation, Reconciliation
 
 
@@ -30,9 +32,14 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 class TaskHeads(nn.Module):
-    """A neck per task present (shared by that task's sources) and a head per source."""
+    """A neck per task present (shared by that task's sources) and a head per source.
 
-    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64):
+    ``det_image_size``: the side of the det sources' images; it picks the det head's pyramid
+    levels (``heads.det_levels``; None: all of FCOS's P3..P7). ``det_head_convs``: the depth
+    of the det heads' towers."""
+
+    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64,
+                 det_image_size: int | None = None, det_head_convs: int = 4):
         super().__init__()
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -40,14 +47,20 @@ class TaskHeads(nn.Module):
         self.sources = {s.name: s for s in sources}
         self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in sources)]
         self.necks = nn.ModuleDict()
+        det_strides = None
         for t in self.tasks:
-            self.necks[t] = ClsNeck() if t == "cls" else FPNNeck(channels, fpn_channels)
+            if t == "cls":
+                self.necks[t] = ClsNeck()
+            elif t == "det":  # FCOS's levels P3..P7: see heads.det_levels
+                self.necks[t], det_strides = build_det_neck(channels, strides, fpn_channels, det_image_size)
+            else:
+                self.necks[t] = FPNNeck(channels, fpn_channels)
         self.heads = nn.ModuleDict()
         for s in sources:
             if s.task == "cls":
                 self.heads[s.name] = ClsHead(channels[-1], s.num_classes)
             elif s.task == "det":
-                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, strides)
+                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, det_strides, num_convs=det_head_convs)
             elif s.task == "seg":
                 self.heads[s.name] = SegHead(fpn_channels, s.num_classes, strides)
             else:
@@ -124,16 +137,23 @@ class ExpandedNet(nn.Module):
         """Stages 1..this run in every branch; after it only the batch's own branch continues."""
         return max(self.reconcile_after) if self.reconcile_after else 0
 
-    def _reconcile(self, stage: int, feats: dict[str, Tensor], targets: list[str]) -> dict[str, Tensor]:
+    def _graph(self, t: str, keep: list[str]):
+        """Autograd for branch ``t``: with ``detach_others`` a branch outside ``keep`` reaches the
+        kept ones only through ``.detach()``, so its gradient is zero: run it without a graph."""
+        return torch.no_grad() if self.detach_others and t not in keep else nullcontext()
+
+    def _reconcile(self, stage: int, feats: dict[str, Tensor], targets: list[str],
+                   keep: list[str] | None = None) -> dict[str, Tensor]:
         rs = self.reconcilers[f"s{stage}"]
         out = dict(feats)
         for t in targets:
-            update = 0
-            for u in self.tasks:
-                if u != t:
-                    fu = feats[u].detach() if self.detach_others else feats[u]
-                    update = update + rs[f"{t}_from_{u}"](fu)
-            out[t] = feats[t] + update
+            with self._graph(t, keep if keep is not None else self.tasks):
+                update = 0
+                for u in self.tasks:
+                    if u != t:
+                        fu = feats[u].detach() if self.detach_others else feats[u]
+                        update = update + rs[f"{t}_from_{u}"](fu)
+                out[t] = feats[t] + update
         return out
 
     def _run(self, images: Tensor, keep: list[str]) -> dict[str, list[Tensor]]:
@@ -144,10 +164,14 @@ class ExpandedNet(nn.Module):
         for i in range(self.num_stages):
             stage = i + 1
             running = list(x) if stage <= last else keep
-            x = {t: self.backbones[t].stages[i](x[t]) for t in running}
+            nxt = {}
+            for t in running:
+                with self._graph(t, keep):
+                    nxt[t] = self.backbones[t].stages[i](x[t])
+            x = nxt
             if stage in self.reconcile_after:
                 # at the last exchange only the kept branches need the update
-                x = self._reconcile(stage, x, keep if stage == last else self.tasks)
+                x = self._reconcile(stage, x, keep if stage == last else self.tasks, keep)
             for t in keep:
                 outs[t].append(x[t])
         return outs

@@ -47,9 +47,11 @@ def select_sources(cfg: RunConfig, stage: str, train_sizes: dict[str, int] | Non
 def build_shared_net(cfg: RunConfig, specs: list) -> nn.Module:
     from xlearner.models.backbone import Backbone
     from xlearner.models.nets import SharedNet, TaskHeads
+    from xlearner.stages.common import det_image_size
 
     backbone = Backbone(cfg.backbone)
-    return SharedNet(backbone, TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels))
+    return SharedNet(backbone, TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels,
+                                         det_image_size(cfg, specs), cfg.det_head_convs))
 
 
 class BaselineStage(nn.Module):

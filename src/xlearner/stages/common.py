@@ -154,6 +154,12 @@ def source_specs(sources: Sequence[SourceConfig], datasets: dict) -> list:
     return [SourceSpec(s.name, s.task, int(datasets[s.name].num_classes)) for s in sources]
 
 
+def det_image_size(cfg: RunConfig, specs) -> int | None:
+    """The largest image side of the det sources among ``specs`` (it picks the det head's levels)."""
+    names = {s.name for s in specs if s.task == "det"}
+    return max((cfg.size_of(s) for s in cfg.sources if s.name in names), default=None)
+
+
 def source_records(sources: Sequence[SourceConfig], datasets: dict) -> list[dict]:
     return [{"name": s.name, "task": s.task, "num_classes": int(datasets[s.name].num_classes),
              "class_names": list(getattr(datasets[s.name], "class_names", []) or [])} for s in sources]
@@ -180,8 +186,9 @@ def task_loss(task: str, head: nn.Module, neck_feats, batch: dict) -> Tensor:
     """
     if task == "cls":
         return F.cross_entropy(head(neck_feats), batch["labels"])
-    if task == "det":
-        losses = head.losses(neck_feats, image_size_of(batch["images"]), batch["targets"])
+    if task == "det":  # the training loader's padded boxes/labels, or a per-image targets list
+        targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
+        losses = head.losses(neck_feats, image_size_of(batch["images"]), targets)
         return sum(losses.values())
     if task == "seg":
         logits = head(neck_feats, image_size_of(batch["images"]))
@@ -190,11 +197,12 @@ def task_loss(task: str, head: nn.Module, neck_feats, batch: dict) -> Tensor:
 
 
 def seg_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels not ignored; 0 (graph kept) when all are ignored.
+    Sum / count on the device: no host synchronisation to test for the all-ignored case."""
     if logits.shape[-2:] != masks.shape[-2:]:
         logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    if not (masks != IGNORE_INDEX).any():
-        return logits.sum() * 0.0  # every pixel ignored: keep the graph, no signal
-    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def predict(task: str, head: nn.Module, neck_feats, images: Tensor):

@@ -18,10 +18,12 @@ def build_expanded_net(cfg: RunConfig, specs: list) -> nn.Module:
     """The ExpandedNet of ``cfg`` (tasks of ``specs``), with fresh TaskHeads."""
     from xlearner.models.backbone import Backbone
     from xlearner.models.nets import ExpandedNet, MultiStageExpandedNet, TaskHeads
+    from xlearner.stages.common import det_image_size
 
     probe = Backbone(cfg.backbone.model_copy(update={"weights": None}))  # channels/strides only
     tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in specs)]
-    heads = TaskHeads(specs, probe.channels, probe.strides, cfg.fpn_channels)
+    heads = TaskHeads(specs, probe.channels, probe.strides, cfg.fpn_channels, det_image_size(cfg, specs),
+                      cfg.det_head_convs)
     del probe
     cls = MultiStageExpandedNet if cfg.expansion.reconcile_from == "all" else ExpandedNet
     return cls(cfg.backbone, tasks, heads, reconcile_after=list(cfg.expansion.reconcile_after),

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xlearner.config import ConfigError, RunConfig
-from xlearner.stages.common import net_parts, predict, task_loss
+from xlearner.stages.common import det_image_size, net_parts, predict, task_loss
 from xlearner.stages.expansion import build_expanded_net
 
 
@@ -114,7 +114,8 @@ def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
             raise ConfigError(f"squeeze.init={init}: the expansion model has no '{task}' branch "
                               f"(its tasks: {list(teacher.backbones.keys())})")
         backbone.load_state_dict(teacher.backbones[task].state_dict(), strict=True)
-    heads = TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels)
+    heads = TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels, det_image_size(cfg, specs),
+                      cfg.det_head_convs)
     own = heads.state_dict()
     given = teacher.task_heads.state_dict()
     copy = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
@@ -369,7 +370,7 @@ class SqueezeStage(nn.Module):
                 continue
             self._teacher_for(source, images.device)
             if self.adapters or use_kd:
-                with torch.no_grad():
+                with torch.no_grad():  # frozen teacher: no graph (bf16 under the engine's autocast)
                     if self.all_teachers and self.adapters:
                         t_all = self.teacher.all_branch_features(images)
                     else:

@@ -1,4 +1,4 @@
-"""Detection transfer: FPNNeck + DetHead (torchvision FCOS) trained on a backbone.
+"""Detection transfer: the det neck (FPN P3..P7) + DetHead (torchvision FCOS) trained on a backbone.
 
 ``frozen``: the backbone is frozen (eval mode, no gradient); its feature maps are computed once
 per training image (eval transform: resize only, no augmentation) and the neck + head are
@@ -20,12 +20,13 @@ from xlearner.transfer.features import (finetune_end_to_end, freeze, infinite_in
                                         progress, train_head)
 
 
-def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, num_convs: int = 4):
-    from xlearner.models.heads import DetHead, FPNNeck
+def build_det(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, num_convs: int = 4,
+              image_size: int | None = None):
+    from xlearner.models.heads import DetHead, build_det_neck
 
     torch.manual_seed(seed)
-    neck = FPNNeck(list(backbone.channels), fpn_channels)
-    head = DetHead(fpn_channels, num_classes, list(backbone.strides), num_convs=num_convs)
+    neck, strides = build_det_neck(list(backbone.channels), list(backbone.strides), fpn_channels, image_size)
+    head = DetHead(fpn_channels, num_classes, strides, num_convs=num_convs)
     return neck, head
 
 
@@ -39,7 +40,7 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
     ``cache`` (frozen mode): a dict reused across seeds holding the precomputed train/test maps.
     """
     dev = next(backbone.parameters()).device
-    neck, head = build_det(backbone, num_classes, fpn_channels, seed, head_convs)
+    neck, head = build_det(backbone, num_classes, fpn_channels, seed, head_convs, size)
     neck.to(dev), head.to(dev)
     neck.train(), head.train()
     image_size = (size, size)
@@ -63,7 +64,7 @@ def transfer_det(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, si
         losses = train_head(step, neck, head, lr=lr, steps=steps, show_progress=show_progress, desc="det head")
     elif mode == "finetune":
         def batch_loss(b):
-            tg = [{k: v.to(dev) for k, v in t.items()} for t in b["targets"]]
+            tg = (b["boxes"].to(dev), b["labels"].to(dev))  # the training loader's padded layout
             return sum(head.losses(neck(backbone(b["images"].to(dev))), image_size, tg).values())
 
         losses = finetune_end_to_end(batch_loss, backbone, neck, head, train_ds, "det", size=size, batch_size=bs,

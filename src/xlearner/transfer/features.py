@@ -132,7 +132,9 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.01) -> fl
 
 
 def make_optimizer(groups: list[dict], weight_decay: float = 1e-4) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
+    groups = [g for g in groups if g["params"]]
+    dev = groups[0]["params"][0].device.type if groups else "cpu"
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=dev in ("cuda", "cpu") or None)
 
 
 def train_loop(step_fn: Callable[[int], Tensor], params: list[nn.Parameter], opt: torch.optim.Optimizer,

@@ -1,0 +1,96 @@
+"""The batched FCOS target assignment and loss equal torchvision's per-image FCOS loss."""
+import pytest
+import torch
+from torchvision.models.detection.fcos import FCOS
+
+from xlearner.models.heads import DetHead, build_det_neck, det_levels, fcos_loss, fcos_match, pad_targets
+
+
+def _random_case(seed: int, size: int, strides: list[int], num_classes: int, batch: int):
+    g = torch.Generator().manual_seed(seed)
+    head = DetHead(32, num_classes, strides)
+    feats = [torch.zeros(batch, 32, -(-size // s), -(-size // s)) for s in strides]
+    anchors = head.anchors_for(feats, (size, size))
+    per_level = [f.shape[2] * f.shape[3] for f in feats]
+    a = anchors.shape[0]
+    outputs = {"cls_logits": torch.randn(batch, a, num_classes, generator=g),
+               "bbox_regression": torch.rand(batch, a, 4, generator=g) * 2,
+               "bbox_ctrness": torch.randn(batch, a, 1, generator=g)}
+    targets = []
+    for i in range(batch):
+        m = 0 if i == 1 else int(torch.randint(1, 9, (1,), generator=g))  # image 1 has no box
+        wh = size * (0.05 + 0.9 * torch.rand(m, 2, generator=g))
+        xy = (size - wh) * torch.rand(m, 2, generator=g)
+        boxes = torch.cat([xy, xy + wh], 1)
+        if seed % 2:  # whole pixels, and a box whose left edge lies on location centres (x = 8)
+            boxes = torch.cat([boxes.round(), torch.tensor([[8.0, 4.0, 20.0, 20.0]])]) if m else boxes
+        if m > 2:
+            boxes[1] = boxes[0]  # a duplicate box, like a crowded scene
+        targets.append({"boxes": boxes, "labels": torch.randint(0, num_classes, (len(boxes),), generator=g)})
+    return head, outputs, anchors, per_level, targets
+
+
+@pytest.mark.parametrize("seed,size,strides", [(0, 64, [8, 16, 32, 64, 128]), (1, 96, [8, 16, 32, 64, 128]),
+                                               (2, 64, [4, 8, 16, 32]), (3, 320, [8, 16, 32, 64, 128]),
+                                               (4, 50, [8, 16, 32, 64, 128])])
+def test_batched_fcos_loss_equals_torchvision(seed, size, strides):
+    head, outputs, anchors, per_level, targets = _random_case(seed, size, strides, num_classes=5, batch=4)
+    ref_out = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+    ours_out = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+    ref = FCOS.compute_loss(head, targets, ref_out, [anchors] * len(targets), per_level)
+    boxes, labels = pad_targets(targets, anchors.device)
+    matched = fcos_match(anchors, per_level, boxes, labels, head.center_sampling_radius)
+    ours = fcos_loss(ours_out, anchors, matched, boxes, labels, head.box_coder)
+    assert set(ours) == set(ref)
+    assert (matched >= 0).sum() > 0, "the case must have foreground locations to be a test"
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    sum(ref.values()).backward()
+    sum(ours.values()).backward()
+    for k in outputs:
+        torch.testing.assert_close(ours_out[k].grad, ref_out[k].grad, rtol=1e-5, atol=1e-5, msg=f"grad {k}")
+
+
+def test_batched_fcos_loss_without_any_box_is_finite():
+    head, outputs, anchors, per_level, targets = _random_case(5, 64, [8, 16, 32, 64, 128], 3, 2)
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    ref = FCOS.compute_loss(head, empty, outputs, [anchors] * 2, per_level)
+    boxes, labels = pad_targets(empty, anchors.device)
+    ours = fcos_loss(outputs, anchors, fcos_match(anchors, per_level, boxes, labels, 1.5), boxes, labels,
+                     head.box_coder)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5)
+    assert ours["bbox_regression"] == 0 and ours["classification"] > 0
+
+
+def test_det_levels_are_p3_to_p7_that_can_hold_a_box():
+    assert det_levels([4, 8, 16, 32]) == (1, [8, 16, 32, 64, 128])
+    assert det_levels([8, 16, 32]) == (0, [8, 16, 32, 64, 128])
+    # a level of stride s holds boxes whose largest edge distance exceeds 4s: below the image side
+    assert det_levels([4, 8, 16, 32], 64) == (1, [8])
+    assert det_levels([4, 8, 16, 32], 96) == (1, [8, 16])
+    assert det_levels([4, 8, 16, 32], 256) == (1, [8, 16, 32])
+    assert det_levels([4, 8, 16, 32], 300) == (1, [8, 16, 32, 64, 128])  # P6 and P7 together
+    assert det_levels([4, 8, 16, 32], 640) == (1, [8, 16, 32, 64, 128])
+
+
+@pytest.mark.parametrize("size,shapes", [(96, [(12, 12), (6, 6), (3, 3), (2, 2), (1, 1)]),
+                                         (64, [(8, 8)]), (96, [(12, 12), (6, 6)])])
+def test_det_neck_outputs_and_every_parameter_learns(size, shapes):
+    torch.manual_seed(0)
+    channels, strides = [8, 16, 32, 64], [4, 8, 16, 32]
+    neck, head_strides = build_det_neck(channels, strides, 32, None if shapes and len(shapes) == 5 else size)
+    img = size or 96
+    feats = [torch.randn(2, c, img // s, img // s, requires_grad=True) for c, s in zip(channels, strides)]
+    out = neck(feats)
+    if shapes is not None:
+        assert [tuple(o.shape[-2:]) for o in out] == shapes
+    assert len(out) == len(head_strides)
+    head = DetHead(32, 3, head_strides)
+    losses = head.losses(out, (img, img), [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 50.0]]),
+                                            "labels": torch.tensor([1])}] * 2)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["bbox_regression"] > 0
+    sum(losses.values()).backward()
+    # every parameter gets a gradient (DDP without find_unused_parameters), and so does C5
+    assert all(p.grad is not None for p in [*neck.parameters(), *head.parameters()])
+    assert feats[0].grad is None and feats[-1].grad is not None and feats[-1].grad.abs().sum() > 0
