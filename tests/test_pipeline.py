@@ -44,7 +44,10 @@ def test_quick_main_job_completes_then_skips_every_finished_part(tmp_path, embed
             assert results["datasets"][ds]["methods"][method]["mean"] == pytest.approx(100 * res["mean"])
     assert set(results["methods"]) == METHODS
     report = (out / "report.md").read_text()
-    assert "Gain of xlearner over each baseline" in report and "Training cost" in report
+    assert "Headline: gain of xlearner over each baseline" in report and "Training cost" in report
+    # the gate verdict opens the report, and the quick preset (1 seed, no upstream gates) cannot rank
+    assert report.splitlines()[4].startswith("**Can this run rank backbones? NO")
+    assert "gate failed: separation" in first.stdout
     assert (out / "plots" / "gains.png").is_file()
 
     # a second invocation skips every finished part
