@@ -179,8 +179,12 @@ def test_upstream_gates_read_precise_bn_figures(run_dir):
         if mnist:
             info["metrics"].update({"mnist": 0.5, "mnist/precise_bn": mnist})
         (run_dir / sd / "run.json").write_text(json.dumps(info))
+    (run_dir / "scratch").mkdir()  # random weights: trains nothing, so it is not gated
+    (run_dir / "scratch" / "run.json").write_text(json.dumps(
+        {"stage": "scratch", "cost": {"steps": 0}, "sources": [{"name": "fashion"}], "metrics": {}}))
     res = json.loads((write_report(run_dir).parent / "results.json").read_text())
     rows = {(r["stage"], r["source"]): r for r in res["gates"]["upstream"]}
+    assert not any(stage == "scratch" for stage, _ in rows)
     assert rows[("ssst", "fashion")]["score"] == pytest.approx(90.0) and rows[("ssst", "fashion")]["pass"]
     assert rows[("msmt", "fashion")]["pass"] is False and rows[("msmt", "fashion")]["counts"] is False
     assert rows[("msmt", "mnist")]["pass"]

@@ -263,6 +263,8 @@ def check_gates(run_dir: Path, datasets: dict[str, Any], method_stages: dict[str
             info = _read_json(f)
         except json.JSONDecodeError:
             continue
+        if not (info.get("cost") or {}).get("steps"):
+            continue  # scratch: nothing trained, nothing to gate
         metrics = info.get("metrics") or {}
         for src in info.get("sources") or []:
             name = src.get("name")
