@@ -153,3 +153,10 @@ def test_a_mobilenet_run_folder_exports_under_torchvision_names(tmp_path):
     path = export_run(run, tmp_path / "bb.safetensors", format=None)
     arch, backbone = load_backbone(path)
     assert arch.name == "tv:mobilenet_v2" and backbone.channels == [24, 32, 96, 320]
+    # `xlearner export RUN --out F` without --format takes the same default
+    from xlearner.cli import build_parser
+    from xlearner.models.export import export_command
+
+    args = build_parser().parse_args(["export", str(run), "--out", str(tmp_path / "cli.safetensors")])
+    assert args.format is None and export_command(args) == 0
+    assert load_backbone(tmp_path / "cli.safetensors")[0].name == "tv:mobilenet_v2"

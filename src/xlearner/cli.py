@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a trained backbone alone, under timm or torchvision key names")
     p.add_argument("run_dir", help="a run folder written by `xlearner train`")
-    p.add_argument("--format", default="timm", choices=["timm", "torchvision"])
+    p.add_argument("--format", default=None, choices=["timm", "torchvision"],
+                   help="key names of the file (default: the backbone's own library: torchvision for "
+                        "tv:mobilenet_v2, timm otherwise)")
     p.add_argument("--branch", default=None, choices=["cls", "det", "seg"],
                    help="for an expansion run: which task backbone to export (default cls)")
     p.add_argument("--out", required=True, help="output .safetensors file")

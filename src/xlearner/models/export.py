@@ -144,6 +144,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, format: str |
 
 def export_command(args) -> int:
     """``xlearner export RUN_DIR --format timm|torchvision [--branch cls|det|seg] --out FILE``."""
-    export_run(args.run_dir, getattr(args, "out", None), getattr(args, "format", "timm"),
+    export_run(args.run_dir, getattr(args, "out", None), getattr(args, "format", None),
                getattr(args, "branch", None))
     return 0
