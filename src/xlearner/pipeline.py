@@ -290,21 +290,22 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
     parts, methods = build_parts(cfg, out, ablation)
     _write_json(out / "methods.json", methods)
     (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
-    total = sum(p.weight for p in parts)
+    ticks = {id(p): max(1, round(100 * p.weight)) for p in parts}  # integer ticks: the bar ends exactly at 100 %
+    total = sum(ticks.values())
     todo = [p for p in parts if not p.done()]
     skipped = len(parts) - len(todo)
     print(f"[xlearner run] {len(parts)} parts, {skipped} already finished and skipped, {len(todo)} to run")
     timings: dict[str, float] = {}
-    with tqdm(total=round(total, 2), desc="main job", unit="w", position=0,
+    with tqdm(total=total, desc="main job", unit="w", position=0,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}") as bar:
-        bar.update(round(sum(p.weight for p in parts if p not in todo), 2))
+        bar.update(sum(ticks[id(p)] for p in parts if p not in todo))
         for part in todo:
             bar.set_description(f"main job [{part.name}]")
             tqdm.write(f"[xlearner run] -> {part.name}")
             t = time.time()
             part.run()
             timings[part.name] = round(time.time() - t, 1)
-            bar.update(round(part.weight, 2))
+            bar.update(ticks[id(part)])
     prior = _read_json(out / "timings.json") or {}
     prior.update(timings)
     _write_json(out / "timings.json", prior)
