@@ -145,13 +145,7 @@ def ours_per_second(root: Path, batches: int, batch_size: int, workers: int) -> 
     loader = MultiSourceLoader({"jpeg": ds}, {"jpeg": batch_size}, {"jpeg": tf}, {"jpeg": "cls"}, seed=0,
                                num_workers=workers)
     try:
-        for _ in range(2):
-            next(loader)
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(batches):
-            next(loader)
-        n = batches * batch_size
-        return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+        return _images_per_second(lambda: next(loader), batches, batch_size)
     finally:
         loader.close()
 
@@ -169,11 +163,16 @@ def torchvision_per_second(root: Path, batches: int, batch_size: int, workers: i
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(0))
     it = iter(loader)
+    return _images_per_second(lambda: next(it), batches, batch_size)
+
+
+def _images_per_second(next_batch, batches: int, batch_size: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process) after 2 warm-up batches."""
     for _ in range(2):
-        next(it)
+        next_batch()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
-        next(it)
+        next_batch()
     n = batches * batch_size
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 

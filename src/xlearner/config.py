@@ -533,12 +533,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None,
         path = text_path
     else:
         path = preset_path(str(name_or_path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = _read_yaml_mapping(path, "config file", "")
     _resolve_paths(data, path.parent)
     # per-task augmentation defaults differ by task: start overrides from the full defaults
     aug = AugmentSet().model_dump(mode="json")
@@ -552,17 +547,23 @@ def load_config(name_or_path: str | Path, overrides: list[str] | None = None,
     return cfg
 
 
+def _read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """The mapping a YAML file holds (safe loading); a named ConfigError otherwise."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping{expected} at the top level")
+    return data
+
+
 def load_source_config(path: str | Path, overrides: list[str] | None = None) -> SourceConfig:
     """A YAML holding one source (the same schema as an item of ``sources``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"source file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"source file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"source file {path} must hold a mapping (name, task, format, ...) at the top level")
+    data = _read_yaml_mapping(path, "source file", " (name, task, format, ...)")
     if "sources" in data:
         srcs = data["sources"]
         if not isinstance(srcs, list) or len(srcs) != 1:

@@ -55,8 +55,11 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int]:
     is NaN below two shared seeds.
     """
     sa, sb = _by_seed(a), _by_seed(b)
-    shared = [s for s in sa if s in sb]
-    diffs = [sa[s] - sb[s] for s in shared]
+    return _mean_se([sa[s] - sb[s] for s in sa if s in sb])
+
+
+def _mean_se(diffs: list[float]) -> tuple[float, float, int]:
+    """Mean, standard error (NaN below two values) and count of paired differences."""
     if not diffs:
         return float("nan"), float("nan"), 0
     se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
@@ -88,11 +91,7 @@ def task_paired(datasets: dict[str, Any], names: list[str], a: str, b: str) -> t
         for s in sa:
             if s in sb:
                 per_seed.setdefault(s, []).append(sa[s] - sb[s])
-    diffs = [_mean(v) for v in per_seed.values() if len(v) == len(use)]  # seeds every dataset has
-    if not diffs:
-        return float("nan"), float("nan"), 0
-    se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
-    return _mean(diffs), se, len(diffs)
+    return _mean_se([_mean(v) for v in per_seed.values() if len(v) == len(use)])  # seeds every dataset has
 
 
 def reference_method(methods: list[str]) -> str | None:

@@ -295,6 +295,30 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
 
 
 # ----------------------------------------------------------------------------- precise BN
+@torch.no_grad()
+def estimate_bn_statistics(bns: list, run: Callable[[Tensor], object], batches) -> list[tuple[Tensor, Tensor]]:
+    """Precise BN: every BN's running mean/var as the equal-weight average over ``batches``
+    (momentum None; the layers normalise with batch statistics while they are gathered).
+    ``run(images)`` runs the nets owning ``bns``; their momentum and mode are restored, the
+    new statistics stay in the buffers and are returned (CPU copies)."""
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+        m.train()
+    n = 0
+    for images in batches:
+        run(images)
+        n += 1
+    if n == 0:
+        raise ValueError("precise BN: no batch to estimate the statistics on")
+    stats = [(m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone()) for m in bns]
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    return stats
+
+
 @contextmanager
 def precise_bn(bn_owner: nn.Module, run_backbone: Callable[[Tensor], object], loader,
                max_batches: int | None = None):
@@ -304,29 +328,22 @@ def precise_bn(bn_owner: nn.Module, run_backbone: Callable[[Tensor], object], lo
     batch of each), so eval mode normalises a source with statistics it never had; its
     validation then measures the blend, not the network. Inside this context, every
     BatchNorm of ``bn_owner`` holds the exact mean/variance of ``run_backbone`` over
-    ``loader`` (cumulative average, momentum None: precise BN); on exit the trained
-    statistics are put back, so training and the saved product are unaffected.
+    ``loader`` (:func:`estimate_bn_statistics`) and ``bn_owner`` is in eval mode; on exit the
+    trained statistics and the modes are put back, so training and the saved product are unaffected.
     """
+    from itertools import islice
+
     bns = [m for m in bn_owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats]
-    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     modes = {m: m.training for m in bn_owner.modules()}
     device = next(iter([*bn_owner.parameters(), *bn_owner.buffers()])).device
     try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-        bn_owner.train()
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                run_backbone(batch["images"].to(device))
+        estimate_bn_statistics(bns, run_backbone, (b["images"].to(device) for b in islice(loader, max_batches)))
         bn_owner.eval()
         yield
     finally:
-        for m, (momentum, state) in zip(bns, saved):
-            m.momentum = momentum
+        for m, state in zip(bns, saved):
             m.load_state_dict(state)
         for m, was in modes.items():
             m.train(was)

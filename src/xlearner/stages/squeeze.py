@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xlearner.config import ConfigError, RunConfig
-from xlearner.stages.common import det_image_size, net_parts, predict, task_loss
+from xlearner.stages.common import det_image_size, estimate_bn_statistics, net_parts, predict, task_loss
 from xlearner.stages.expansion import build_expanded_net
 
 
@@ -219,29 +219,6 @@ def batchnorms(*nets: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def precise_bn_statistics(run, bns: list, batches) -> list[tuple[Tensor, Tensor]]:
-    """Precise BN: every BN's running mean/var as the equal-weight average over ``batches`` (the
-    layers below normalising with batch statistics while they are gathered). ``run(images)``
-    runs the nets owning ``bns``. The BNs' own momentum and mode are restored."""
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    n = 0
-    for images in batches:
-        run(images)
-        n += 1
-    if n == 0:
-        raise ValueError("precise BN: no batch to estimate the statistics on")
-    stats = [(m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone()) for m in bns]
-    for m, (momentum, training) in zip(bns, saved):
-        m.momentum = momentum
-        m.train(training)
-    return stats
-
-
-@torch.no_grad()
 def use_statistics(bns: list, stats: list[tuple[Tensor, Tensor]]) -> None:
     """Normalise with the given stored statistics (eval-mode BN)."""
     for m, (mean, var) in zip(bns, stats):
@@ -339,7 +316,7 @@ class SqueezeStage(nn.Module):
                 loader = eval_loader(data, src.task, self.cfg.size_of(src), src.batch_size)
             batches = (b["images"].to(device) if device is not None else b["images"]
                        for b in itertools.islice(loader, n))
-            stats[name] = precise_bn_statistics(self._run_frozen, bns, batches)
+            stats[name] = estimate_bn_statistics(bns, self._run_frozen, batches)
         self._source_stats = stats
 
     def _teacher_for(self, source: str, device: torch.device) -> None:
