@@ -16,10 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import Annotated
 
-Task = Literal["cls", "det", "seg"]
-TASKS: tuple[str, ...] = ("cls", "det", "seg")
+from xlearner import tasks as _tasks
+
+
+def _known_task(name: str) -> str:
+    if name not in _tasks.names():
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(_tasks.names())}")
+    return name
+
+
+Task = Annotated[str, AfterValidator(_known_task)]
+"""A registered task name (``xlearner.tasks``): cls, det, seg, or one a user registered."""
+
 SourceFormat = Literal["embedded", "imagefolder", "csv", "coco", "voc", "maskfolder"]
 
 
@@ -87,7 +98,8 @@ class AugmentSet(_Strict):
     seg: AugmentConfig = Field(default_factory=lambda: AugmentConfig(random_resized_crop=(0.6, 1.0), hflip=True))
 
     def of(self, task: str) -> AugmentConfig:
-        return getattr(self, task)
+        """A task without its own section here (a registered extra task) trains unaugmented."""
+        return getattr(self, task, None) or AugmentConfig()
 
 
 class SourceConfig(_Strict):
@@ -149,7 +161,7 @@ class SourceConfig(_Strict):
             raise ValueError(
                 f"source '{self.name}' (format {self.format}) needs {', '.join(missing)}"
             )
-        if self.resize == "keep_ratio" and self.task == "cls":
+        if self.resize == "keep_ratio" and not _tasks.get(self.task).dense:
             raise ValueError(f"source '{self.name}': resize: keep_ratio applies to det/seg sources; "
                              f"remove it (cls images are cropped to a square)")
         if (self.reduce_zero_label or self.label_map) and self.format != "maskfolder":
@@ -169,14 +181,14 @@ class SourceConfig(_Strict):
         """The ``resize`` in force: the given one, else keep_ratio for user det/seg formats."""
         if self.resize is not None:
             return self.resize
-        return "keep_ratio" if self.task != "cls" and self.format != "embedded" else "square"
+        return "keep_ratio" if _tasks.get(self.task).dense and self.format != "embedded" else "square"
 
     @property
     def scored_as_published(self) -> bool:
         """det/seg data a user brings is scored at each image's original size against its own
         annotations (COCO: the annotation file itself); embedded sources keep their in-memory
         scoring at the network's input size, so the embedded benchmark's numbers do not move."""
-        return self.task != "cls" and self.format != "embedded"
+        return _tasks.get(self.task).dense and self.format != "embedded"
 
 
 class TrainConfig(_Strict):
@@ -241,7 +253,7 @@ class SqueezeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_init(self) -> "SqueezeConfig":
-        if self.init != "scratch" and not (self.init.startswith("copy:") and self.init[5:] in TASKS):
+        if self.init != "scratch" and not (self.init.startswith("copy:") and self.init[5:] in _tasks.names()):
             raise ValueError(f"squeeze.init must be 'scratch' or copy:cls|det|seg, got {self.init!r}")
         return self
 
@@ -339,7 +351,7 @@ class RunConfig(_Strict):
     def tasks(self) -> list[str]:
         """Tasks present among the sources, in the canonical cls, det, seg order."""
         present = {s.task for s in self.sources}
-        return [t for t in TASKS if t in present]
+        return _tasks.present(present)
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:

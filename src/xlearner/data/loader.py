@@ -97,36 +97,23 @@ class SeededTransformDataset(Dataset):
 
 
 def collate(task: str, padded: bool = False) -> Callable[[list], dict]:
-    """Batch builder of a task: the batch layouts of docs/architecture.md.
+    """Batch builder of a task (``tasks.Task.collate``; the layouts are in ``xlearner.tasks``).
 
-    ``padded`` (det, training): boxes and labels as two padded tensors, ``"boxes"`` (B, M, 4) and
-    ``"labels"`` (B, M) with -1 after each image's boxes, instead of the per-image ``"targets"``
-    list: 3 tensors a batch cross from the worker (and to the GPU) instead of 2B + 1, each
-    a shared-memory segment, a pinned copy and a transfer of its own."""
-    if task not in ("cls", "det", "seg"):
-        raise ValueError(f"task must be cls, det or seg, got {task!r}")
-    return _Collate(task, padded)
+    ``padded`` (det, training): boxes and labels as two padded tensors instead of a per-image list."""
+    from xlearner import tasks
+
+    return _Collate(tasks.get(task), padded)
 
 
 class _Collate:
-    def __init__(self, task: str, padded: bool = False):
+    """Picklable (DataLoader workers): the task object and the layout."""
+
+    def __init__(self, task, padded: bool = False):
         self.task = task
         self.padded = padded
 
     def __call__(self, samples: list) -> dict:
-        images = torch.stack([s[0] for s in samples])
-        if self.task == "cls":
-            return {"images": images, "labels": torch.tensor([int(s[1]["label"]) for s in samples], dtype=torch.int64)}
-        if self.task == "det" and self.padded:
-            from xlearner.models.heads import pad_targets
-
-            boxes, labels = pad_targets([t for _, t in samples], torch.device("cpu"))
-            return {"images": images, "boxes": boxes, "labels": labels}
-        if self.task == "det":
-            return {"images": images, "targets": [
-                {"boxes": torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
-                 "labels": torch.as_tensor(t["labels"], dtype=torch.int64)} for _, t in samples]}
-        return {"images": images, "masks": torch.stack([torch.as_tensor(t["mask"], dtype=torch.int64) for _, t in samples])}
+        return self.task.collate(samples, self.padded)
 
 
 class MultiSourceLoader:

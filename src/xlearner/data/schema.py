@@ -80,30 +80,7 @@ def check_image(image: torch.Tensor, where: str) -> None:
 
 
 def validate_target(task: str, image: torch.Tensor, target: dict, num_classes: int, where: str) -> str | None:
-    """Return a description of what is wrong with a target, or None when it is sound."""
-    h, w = image.shape[-2:]
-    if task == "cls":
-        label = target.get("label")
-        if not isinstance(label, int) or not 0 <= label < num_classes:
-            return f"{where}: label {label!r} is not in 0..{num_classes - 1}"
-    elif task == "det":
-        boxes, labels = target["boxes"], target["labels"]
-        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
-            return f"{where}: boxes must be (N, 4) with one label each, got {tuple(boxes.shape)} and {len(labels)} labels"
-        for i, (b, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
-            x1, y1, x2, y2 = b
-            if x2 <= x1 or y2 <= y1:
-                return f"{where}: box {i} {b} has x2 <= x1 or y2 <= y1 (boxes are x1,y1,x2,y2 in pixels)"
-            if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
-                return f"{where}: box {i} {b} lies outside the {w}x{h} image"
-            if not 0 <= lab < num_classes:
-                return f"{where}: box {i} label {lab} is not in 0..{num_classes - 1}"
-    elif task == "seg":
-        mask = target["mask"]
-        if tuple(mask.shape) != (h, w):
-            return f"{where}: mask is {tuple(mask.shape)} but the image is {(h, w)}"
-        bad = mask[(mask >= num_classes) & (mask != IGNORE_INDEX)]
-        if bad.numel():
-            return (f"{where}: mask holds value {int(bad[0])} but there are {num_classes} classes "
-                    f"(values must be 0..{num_classes - 1}, or 255 = ignore)")
-    return None
+    """Return a description of what is wrong with a target, or None when it is sound (the task's check)."""
+    from xlearner import tasks
+
+    return tasks.get(task).check_target(image, target, num_classes, where)

@@ -18,7 +18,9 @@ def open_source(cfg: SourceConfig, split: str = "train") -> Dataset:
         from xlearner.data.readers import READERS
 
         ds = READERS[cfg.format](cfg, split)
-    if getattr(ds, "task", cfg.task) != cfg.task:
+    from xlearner import tasks
+
+    if getattr(ds, "task", cfg.task) not in (cfg.task, tasks.get(cfg.task).reads):
         raise ConfigError(f"source '{cfg.name}' says task {cfg.task} but its data ({cfg.format}"
                           f"{' ' + cfg.dataset if cfg.dataset else ''}) is a {ds.task} dataset; fix task")
     return ds

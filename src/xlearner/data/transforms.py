@@ -79,58 +79,39 @@ class PadTo(v2.Transform):
 
 
 class TaskTransform:
-    """Picklable callable (DataLoader workers) wrapping a v2 pipeline for one task.
+    """Picklable callable (DataLoader workers) wrapping a v2 pipeline for one task
+    (``tasks.Task.apply_transform`` carries the task's targets through it).
 
-    With ``original=True`` (evaluation) a det/seg target also gets ``meta``: ``orig_size`` (H, W),
-    ``input_size`` (the resized extent inside the padded input), ``image_id`` when the reader
-    gave one, and the original ``boxes``/``labels`` (det) or ``mask`` (seg) before any resize.
+    With ``original=True`` (evaluation) a dense task's target also gets ``meta``: ``orig_size``
+    (H, W), ``input_size`` (the resized extent inside the padded input), ``image_id`` when the
+    reader gave one, and the task's target before any resize (``Task.original_target``).
     """
 
     def __init__(self, task: str, pipeline: v2.Transform, *, size: int | None = None,
                  resize: str = "square", original: bool = False):
-        if task not in ("cls", "det", "seg"):
-            raise ValueError(f"task must be cls, det or seg, got {task!r}")
+        from xlearner import tasks
+
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-        self.task = task
+        self.task = tasks.get(task)
         self.pipeline = pipeline
-        self.size, self.resize, self.original = size, resize, bool(original) and task != "cls"
+        self.size, self.resize, self.original = size, resize, bool(original) and self.task.dense
 
     def _meta(self, image: torch.Tensor, target: dict) -> dict:
         h, w = (int(v) for v in image.shape[-2:])
         input_size = keep_ratio_shape(h, w, self.size) if self.resize == "keep_ratio" else (self.size, self.size)
-        meta = {"orig_size": (h, w), "input_size": tuple(input_size), "image_id": target.get("image_id")}
-        if self.task == "det":
-            meta["boxes"] = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
-            meta["labels"] = torch.as_tensor(target["labels"], dtype=torch.int64)
-        else:
-            mask = torch.as_tensor(target["mask"])
-            meta["mask"] = mask.to(torch.uint8) if mask.numel() and int(mask.max()) <= 255 else mask
-        return meta
+        return {"orig_size": (h, w), "input_size": tuple(input_size), "image_id": target.get("image_id"),
+                **self.task.original_target(target)}
 
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        img = tv_tensors.Image(image)
-        if self.task == "cls":
-            out = self.pipeline(img)
-            return out.as_subclass(torch.Tensor), {"label": int(target["label"])}
         meta = self._meta(image, target) if self.original else None
-        if self.task == "det":
-            boxes = tv_tensors.BoundingBoxes(
-                torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
-                format="XYXY", canvas_size=tuple(image.shape[-2:]))
-            out, tgt = self.pipeline(img, {"boxes": boxes, "labels": torch.as_tensor(target["labels"], dtype=torch.int64)})
-            result = {"boxes": tgt["boxes"].as_subclass(torch.Tensor).to(torch.float32),
-                      "labels": tgt["labels"].to(torch.int64)}
-        else:
-            mask = tv_tensors.Mask(torch.as_tensor(target["mask"]))
-            out, m = self.pipeline(img, mask)
-            result = {"mask": m.as_subclass(torch.Tensor).to(torch.int64)}
+        out, result = self.task.apply_transform(self.pipeline, tv_tensors.Image(image), target)
         if meta is not None:
             result["meta"] = meta
-        return out.as_subclass(torch.Tensor), result
+        return out, result
 
     def __repr__(self) -> str:
-        return f"TaskTransform({self.task}, {self.resize}, {self.pipeline})"
+        return f"TaskTransform({self.task.name}, {self.resize}, {self.pipeline})"
 
 
 def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -181,8 +162,9 @@ def build_transform(task: str, size: int, train: bool, augment: AugmentConfig | 
         ops.append(KeepRatioResize(size))
     if train and augment.hflip:
         ops.append(v2.RandomHorizontalFlip(0.5))
-    if task == "det":
-        ops.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    from xlearner import tasks
+
+    ops += tasks.get(task).extra_ops()  # det: drop boxes a crop made degenerate
     if resize == "keep_ratio":
         ops.append(PadTo(size))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

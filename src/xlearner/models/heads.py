@@ -323,7 +323,7 @@ class SegHead(nn.Module):
         return F.interpolate(logits, size=tuple(int(v) for v in image_size), mode="bilinear", align_corners=False)
 
 
-class _PassFeatures(nn.Module):
+class PassFeatures(nn.Module):
     """The neck of a linear probe: the backbone's feature maps as they are."""
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from xlearner import tasks
 from xlearner.config import BackboneConfig
 from xlearner.models.backbone import Backbone
-from xlearner.models.heads import ClsHead, ClsNeck, DetHead, FPNNeck, SegHead, build_det_neck
 from xlearner.models.reconciliation import MultiStageReconciliation, Reconciliation
+from xlearner.tasks import HeadOptions
 
 
 @dataclass
@@ -32,57 +33,22 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 class TaskHeads(nn.Module):
-    """A neck per task present (shared by that task's sources) and a head per source.
+    """A neck per task present (shared by that task's sources) and a head per source, built by
+    each task's factories (``xlearner.tasks``). ``opts``: the necks' and heads' sizes."""
 
-    ``det_image_size``: the side of the det sources' images; it picks the det head's pyramid
-    levels (``heads.det_levels``; None: all of FCOS's P3..P7). ``det_head_convs``: the depth
-    of the det heads' towers."""
-
-    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int], fpn_channels: int = 64,
-                 det_image_size: int | None = None, det_head_convs: int = 4):
+    def __init__(self, sources: list[SourceSpec], channels: list[int], strides: list[int],
+                 opts: HeadOptions | None = None):
         super().__init__()
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique: {names}")
+        opts = opts or HeadOptions()
         self.sources = {s.name: s for s in sources}
-        self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in sources)]
-        self.necks = nn.ModuleDict()
-        det_strides = None
-        for t in self.tasks:
-            if t == "cls":
-                self.necks[t] = ClsNeck()
-            elif t == "det":  # FCOS's levels P3..P7: see heads.det_levels
-                self.necks[t], det_strides = build_det_neck(channels, strides, fpn_channels, det_image_size)
-            else:
-                self.necks[t] = FPNNeck(channels, fpn_channels)
-        self.heads = nn.ModuleDict()
-        for s in sources:
-            if s.task == "cls":
-                self.heads[s.name] = ClsHead(channels[-1], s.num_classes)
-            elif s.task == "det":
-                self.heads[s.name] = DetHead(fpn_channels, s.num_classes, det_strides, num_convs=det_head_convs)
-            elif s.task == "seg":
-                self.heads[s.name] = SegHead(fpn_channels, s.num_classes, strides)
-            else:
-                raise ValueError(f"source {s.name}: unknown task {s.task!r}")
-        self.strides = list(strides)
-
-    def neck_features(self, task: str, features: list[Tensor]):
-        """cls: pooled (B, C); det/seg: FPN feature list."""
-        return self.necks[task](features)
-
-    def head_forward(self, source_name: str, features: list[Tensor], image_size: tuple[int, int] | None = None):
-        """cls: logits (B, K); seg: logits (B, K, H, W); det: the FPN features (call
-        ``heads[name].losses`` / ``.detect`` on them)."""
-        spec = self.sources[source_name]
-        neck = self.neck_features(spec.task, features)
-        if spec.task == "cls":
-            return self.heads[source_name](neck)
-        if spec.task == "seg":
-            if image_size is None:
-                image_size = (features[0].shape[-2] * self.strides[0], features[0].shape[-1] * self.strides[0])
-            return self.heads[source_name](neck, image_size)
-        return neck
+        self.tasks = tasks.present([s.task for s in sources])
+        self.necks = nn.ModuleDict({t: tasks.get(t).build_neck(channels, strides, opts) for t in self.tasks})
+        self.heads = nn.ModuleDict({
+            s.name: tasks.get(s.task).build_head(self.necks[s.task], s.num_classes, channels, strides, opts)
+            for s in sources})
 
 
 class SharedNet(nn.Module):
@@ -92,9 +58,6 @@ class SharedNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.task_heads = task_heads
-
-    def features(self, images: Tensor) -> list[Tensor]:
-        return self.backbone(images)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.backbone(images)

@@ -1,0 +1,342 @@
+"""Tasks: everything that differs between classification, detection and segmentation, in one place.
+
+A ``Task`` object holds, for its task type, the neck and head factories, the loss, the evaluation
+output, the metric, the batch layout (collate), how a transform carries its targets and how a
+record is checked. Stages, nets, the loader, transforms, validation and transfer call these
+methods; none of them compares task names. A new task is one subclass and one ``register``
+call (tests/test_tasks.py trains an msmt run on a toy regression task that way).
+
+The batch layouts (``collate``): cls ``{"images", "labels" (B,)}``; det ``{"images", "targets":
+[{"boxes" (n,4) xyxy px, "labels" (n,)}]}`` or, padded for training, ``{"images", "boxes"
+(B,M,4), "labels" (B,M), -1 = padding}``; seg ``{"images", "masks" (B,H,W), 255 = ignore}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlearner.data.schema import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Sizes the task necks and heads read (from the run or transfer config)."""
+
+    fpn_channels: int = 64
+    det_head_convs: int = 4
+    image_sizes: Mapping[str, int] = field(default_factory=dict)
+    """Task -> the largest image side of its sources (det: it picks FCOS's levels, ``heads.det_levels``)."""
+    seg_head: str = "fpn"
+    """``fpn``: Panoptic-FPN head on an FPN; ``linear``: linear dense probe on the raw features."""
+
+
+def image_size_of(images: Tensor) -> tuple[int, int]:
+    return int(images.shape[-2]), int(images.shape[-1])
+
+
+def global_pool(features: list[Tensor]) -> Tensor:
+    """Global average pool of the last backbone feature -> (B, C): the image-level representation."""
+    return features[-1].mean(dim=(2, 3))
+
+
+class Task:
+    """One task type. Subclasses set the class attributes and implement the methods.
+
+    ``metric``: key of the headline score in ``evaluator().compute()`` (a fraction, higher is
+    better unless ``higher_is_better`` is False). ``dense``: targets carry geometry (boxes,
+    masks), so user data keeps its aspect ratio and is scored at the original size.
+    ``transfer_modes``: how a backbone is transferred to a dataset of this task (the first is
+    the default); ``frozen`` and ``finetune`` train ``build_neck`` + ``build_head`` with ``loss``.
+    """
+
+    name: str = ""
+    metric: str = ""
+    higher_is_better: bool = True
+    dense: bool = False
+    transfer_modes: tuple[str, ...] = ("frozen", "finetune")
+    reads: str | None = None
+    """The task of the datasets it reads (None: its own name); a toy task may read cls data."""
+
+    # --- model -------------------------------------------------------------------------
+    def build_neck(self, channels: list[int], strides: list[int], opts: HeadOptions) -> nn.Module:
+        raise NotImplementedError
+
+    def build_head(self, neck: nn.Module, num_classes: int, channels: list[int], strides: list[int],
+                   opts: HeadOptions) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, head: nn.Module, neck_out: Any, batch: dict) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, head: nn.Module, neck_out: Any, images: Tensor) -> Any:
+        """What the evaluator's ``update`` takes, for a batch of ``images``."""
+        raise NotImplementedError
+
+    # --- evaluation ----------------------------------------------------------------------
+    def evaluator(self, num_classes: int, dataset: Any = None):
+        """A fresh accumulator: ``update(prediction, batch)``, then ``compute() -> dict``."""
+        raise NotImplementedError
+
+    # --- data ----------------------------------------------------------------------------
+    def collate(self, samples: list, padded: bool = False) -> dict:
+        """Samples ``(image, target)`` -> one batch (see the module docstring)."""
+        raise NotImplementedError
+
+    def extra_ops(self) -> list:
+        """torchvision v2 ops appended after the geometric ones (det: drop degenerate boxes)."""
+        return []
+
+    def apply_transform(self, pipeline, image, target: dict) -> tuple[Tensor, dict]:
+        """Run a v2 ``pipeline`` on a ``tv_tensors.Image`` and the target it must stay aligned with."""
+        out = pipeline(image)
+        return out.as_subclass(torch.Tensor), dict(target)
+
+    def original_target(self, target: dict) -> dict:
+        """The target at the original size, kept in ``meta`` to score there (dense tasks)."""
+        return {}
+
+    def check_target(self, image: Tensor, target: dict, num_classes: int, where: str) -> str | None:
+        """What is wrong with a record's target, or None when it is sound."""
+        return None
+
+
+# ----------------------------------------------------------------------------- cls
+class Top1Evaluator:
+    def __init__(self) -> None:
+        self.correct = self.total = 0
+
+    def update(self, logits: Tensor, batch: dict) -> None:
+        labels = batch["labels"].to(logits.device)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.total += int(labels.numel())
+
+    def compute(self) -> dict[str, float]:
+        return {"top1": self.correct / self.total if self.total else 0.0}
+
+
+class ClsTask(Task):
+    """Image classification: pooled last feature, a linear head per source, cross-entropy, top-1."""
+
+    name, metric, dense = "cls", "top1", False
+    transfer_modes = ("linear", "finetune")
+
+    def build_neck(self, channels, strides, opts):
+        from xlearner.models.heads import ClsNeck
+
+        return ClsNeck()
+
+    def build_head(self, neck, num_classes, channels, strides, opts):
+        from xlearner.models.heads import ClsHead
+
+        return ClsHead(channels[-1], num_classes)
+
+    def loss(self, head, neck_out, batch):
+        return F.cross_entropy(head(neck_out), batch["labels"])
+
+    def predict(self, head, neck_out, images):
+        return head(neck_out)
+
+    def evaluator(self, num_classes, dataset=None):
+        return Top1Evaluator()
+
+    def collate(self, samples, padded=False):
+        return {"images": torch.stack([s[0] for s in samples]),
+                "labels": torch.tensor([int(s[1]["label"]) for s in samples], dtype=torch.int64)}
+
+    def apply_transform(self, pipeline, image, target):
+        return pipeline(image).as_subclass(torch.Tensor), {"label": int(target["label"])}
+
+    def check_target(self, image, target, num_classes, where):
+        label = target.get("label")
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            return f"{where}: label {label!r} is not in 0..{num_classes - 1}"
+        return None
+
+
+# ----------------------------------------------------------------------------- det
+class DetTask(Task):
+    """Object detection: FPN on FCOS's levels, torchvision's FCOS head, COCO mAP@[.5:.95]."""
+
+    name, metric, dense = "det", "mAP", True
+
+    def build_neck(self, channels, strides, opts):
+        from xlearner.models.heads import build_det_neck
+
+        neck, head_strides = build_det_neck(list(channels), list(strides), opts.fpn_channels,
+                                             opts.image_sizes.get(self.name))
+        neck.head_strides = head_strides  # the DetHead's anchors follow them
+        return neck
+
+    def build_head(self, neck, num_classes, channels, strides, opts):
+        from xlearner.models.heads import DetHead
+
+        return DetHead(opts.fpn_channels, num_classes, neck.head_strides, num_convs=opts.det_head_convs)
+
+    def loss(self, head, neck_out, batch):
+        # the training loader's padded boxes/labels, or a per-image targets list
+        targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
+        return sum(head.losses(neck_out, image_size_of(batch["images"]), targets).values())
+
+    def predict(self, head, neck_out, images):
+        return head.detect(neck_out, image_size_of(images))
+
+    def evaluator(self, num_classes, dataset=None):
+        from xlearner import metrics
+
+        return metrics.DetEvaluator(num_classes, getattr(dataset, "coco_file", None),
+                                    getattr(dataset, "category_ids", None))
+
+    def collate(self, samples, padded=False):
+        images = torch.stack([s[0] for s in samples])
+        if padded:  # 3 tensors a batch cross from the worker (and to the GPU) instead of 2B + 1
+            from xlearner.models.heads import pad_targets
+
+            boxes, labels = pad_targets([t for _, t in samples], torch.device("cpu"))
+            return {"images": images, "boxes": boxes, "labels": labels}
+        return {"images": images, "targets": [
+            {"boxes": torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+             "labels": torch.as_tensor(t["labels"], dtype=torch.int64)} for _, t in samples]}
+
+    def extra_ops(self):
+        from torchvision.transforms import v2
+
+        return [v2.SanitizeBoundingBoxes(min_size=1.0)]
+
+    def apply_transform(self, pipeline, image, target):
+        from torchvision import tv_tensors
+
+        boxes = tv_tensors.BoundingBoxes(torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
+                                         format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        out, tgt = pipeline(image, {"boxes": boxes, "labels": torch.as_tensor(target["labels"], dtype=torch.int64)})
+        return out.as_subclass(torch.Tensor), {"boxes": tgt["boxes"].as_subclass(torch.Tensor).to(torch.float32),
+                                               "labels": tgt["labels"].to(torch.int64)}
+
+    def original_target(self, target):
+        return {"boxes": torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.as_tensor(target["labels"], dtype=torch.int64)}
+
+    def check_target(self, image, target, num_classes, where):
+        h, w = image.shape[-2:]
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or len(boxes) != len(labels):
+            return f"{where}: boxes must be (N, 4) with one label each, got {tuple(boxes.shape)} and {len(labels)} labels"
+        for i, (b, lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
+            x1, y1, x2, y2 = b
+            if x2 <= x1 or y2 <= y1:
+                return f"{where}: box {i} {b} has x2 <= x1 or y2 <= y1 (boxes are x1,y1,x2,y2 in pixels)"
+            if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+                return f"{where}: box {i} {b} lies outside the {w}x{h} image"
+            if not 0 <= lab < num_classes:
+                return f"{where}: box {i} label {lab} is not in 0..{num_classes - 1}"
+        return None
+
+
+# ----------------------------------------------------------------------------- seg
+def seg_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """Mean cross-entropy over the pixels not ignored; 0 (graph kept) when all are ignored.
+    Sum / count on the device: no host synchronisation to test for the all-ignored case."""
+    if logits.shape[-2:] != masks.shape[-2:]:
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class SegTask(Task):
+    """Semantic segmentation: FPN + Panoptic-FPN head (or a linear probe), per-pixel CE, mIoU."""
+
+    name, metric, dense = "seg", "mIoU", True
+    ignore_index = IGNORE_INDEX
+
+    def build_neck(self, channels, strides, opts):
+        from xlearner.models.heads import FPNNeck, PassFeatures
+
+        if opts.seg_head == "linear":
+            return PassFeatures()
+        if opts.seg_head != "fpn":
+            raise ValueError(f"seg head must be fpn or linear, got {opts.seg_head!r}")
+        return FPNNeck(list(channels), opts.fpn_channels)
+
+    def build_head(self, neck, num_classes, channels, strides, opts):
+        from xlearner.models.heads import LinearSegHead, SegHead
+
+        if opts.seg_head == "linear":
+            return LinearSegHead(list(channels), num_classes, list(strides))
+        return SegHead(opts.fpn_channels, num_classes, list(strides))
+
+    def loss(self, head, neck_out, batch):
+        return seg_loss(head(neck_out, image_size_of(batch["images"])), batch["masks"])
+
+    def predict(self, head, neck_out, images):
+        return head(neck_out, image_size_of(images))
+
+    def evaluator(self, num_classes, dataset=None):
+        from xlearner import metrics
+
+        return metrics.SegEvaluator(num_classes, getattr(dataset, "class_names", None), IGNORE_INDEX)
+
+    def collate(self, samples, padded=False):
+        return {"images": torch.stack([s[0] for s in samples]),
+                "masks": torch.stack([torch.as_tensor(t["mask"], dtype=torch.int64) for _, t in samples])}
+
+    def apply_transform(self, pipeline, image, target):
+        from torchvision import tv_tensors
+
+        out, m = pipeline(image, tv_tensors.Mask(torch.as_tensor(target["mask"])))
+        return out.as_subclass(torch.Tensor), {"mask": m.as_subclass(torch.Tensor).to(torch.int64)}
+
+    def original_target(self, target):
+        mask = torch.as_tensor(target["mask"])
+        return {"mask": mask.to(torch.uint8) if mask.numel() and int(mask.max()) <= 255 else mask}
+
+    def check_target(self, image, target, num_classes, where):
+        h, w = image.shape[-2:]
+        mask = target["mask"]
+        if tuple(mask.shape) != (h, w):
+            return f"{where}: mask is {tuple(mask.shape)} but the image is {(h, w)}"
+        bad = mask[(mask >= num_classes) & (mask != IGNORE_INDEX)]
+        if bad.numel():
+            return (f"{where}: mask holds value {int(bad[0])} but there are {num_classes} classes "
+                    f"(values must be 0..{num_classes - 1}, or {IGNORE_INDEX} = ignore)")
+        return None
+
+
+# ----------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add a task type (its ``name`` becomes valid as a source's ``task``); returns it."""
+    if not task.name:
+        raise ValueError("a task needs a name")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Task:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(_REGISTRY)}") from None
+
+
+def names() -> tuple[str, ...]:
+    """Registered task names, in registration order (cls, det, seg first)."""
+    return tuple(_REGISTRY)
+
+
+def present(tasks: Sequence[str]) -> list[str]:
+    """The distinct tasks among ``tasks``, in registration order: the one order used everywhere."""
+    given = set(tasks)
+    return [t for t in _REGISTRY if t in given]
+
+
+for _task in (ClsTask(), DetTask(), SegTask()):
+    register(_task)
