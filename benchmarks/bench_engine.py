@@ -5,7 +5,7 @@ Same fixed in-memory batch (a loader that always returns it), same narrow timm R
 (both the plain loop and the engine), gradient clipping off in both (like for like).
 
 (a) plain: backbone -> global pool -> linear -> cross-entropy -> AdamW step, no engine.
-(b) engine: ``fit`` on a one-source msmt-like ``BaselineStage`` (one shared backbone).
+(b) engine: ``fit`` on a one-source msmt-like ``MSMT`` stage (one shared backbone).
 (c) expansion: ``fit`` on an ``ExpansionStage`` whose ``ExpandedNet`` has T task branches,
     fed the same cls batch: it runs every branch up to the last reconciliation stage, so
     an image costs about T backbones and the reference is plain/T.
@@ -23,6 +23,8 @@ method is the median over rounds), so a busy machine biases none of them.
 """
 from __future__ import annotations
 
+from xlearner.tasks import HeadOptions
+
 import argparse
 import statistics
 import tempfile
@@ -38,7 +40,7 @@ from xlearner.config import BackboneConfig, RunConfig, TrainConfig
 from xlearner.engine import fit
 from xlearner.models.backbone import Backbone
 from xlearner.models.nets import ExpandedNet, SourceSpec, TaskHeads
-from xlearner.stages.baselines import BaselineStage, build_shared_net
+from xlearner.stages.baselines import MSMT, build_shared_net
 from xlearner.stages.expansion import ExpansionStage
 
 BACKBONE = BackboneConfig(name="resnet18", kwargs={"channels": [16, 32, 64, 128], "stem_width": 16})
@@ -126,10 +128,10 @@ def fit_images_per_s(module: nn.Module, batch: dict, steps: int, warmup: int, de
 def expansion_module(num_tasks: int) -> nn.Module:
     spec = SourceSpec(SOURCE, "cls", NUM_CLASSES)
     probe = Backbone(BACKBONE)
-    heads = TaskHeads([spec], probe.channels, probe.strides, 64)
+    heads = TaskHeads([spec], probe.channels, probe.strides, HeadOptions(fpn_channels=64))
     tasks = ["cls", "det", "seg"][:num_tasks]
     net = ExpandedNet(BACKBONE, tasks, heads, reconcile_after=[1, 2, 3], detach_others=True)
-    return ExpansionStage(run_cfg(), [spec], net=net)
+    return ExpansionStage(run_cfg(), [spec], net)
 
 
 def main() -> None:
@@ -152,7 +154,7 @@ def main() -> None:
     def msmt() -> nn.Module:
         torch.manual_seed(0)
         spec = SourceSpec(SOURCE, "cls", NUM_CLASSES)
-        return BaselineStage(run_cfg(), [spec], net=build_shared_net(run_cfg(), [spec]))
+        return MSMT(run_cfg(), [spec], build_shared_net(run_cfg(), [spec]))
 
     def expn() -> nn.Module:
         torch.manual_seed(0)

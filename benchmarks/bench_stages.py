@@ -108,7 +108,7 @@ def build(cfg: RunConfig, stage: str, sources) -> nn.Module:
     if stage == "expansion":
         from xlearner.stages.expansion import ExpansionStage
 
-        return ExpansionStage(cfg, specs)
+        return ExpansionStage.build(cfg, specs)
     if stage == "squeeze":
         from xlearner.stages.expansion import build_expanded_net
         from xlearner.stages.squeeze import SqueezeStage
@@ -118,9 +118,9 @@ def build(cfg: RunConfig, stage: str, sources) -> nn.Module:
         for p in teacher.parameters():
             p.requires_grad_(False)
         return SqueezeStage(cfg, specs, teacher)
-    from xlearner.stages.baselines import BaselineStage
+    from xlearner.stages.baselines import MSMT
 
-    return BaselineStage(cfg, specs)
+    return MSMT.build(cfg, specs)  # msst_* and msmt: one shared backbone, the sources differ
 
 
 class Runner:

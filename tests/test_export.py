@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from xlearner.tasks import HeadOptions
 from xlearner.config import BackboneConfig, ConfigError
 from xlearner.models import Backbone, ExpandedNet, SharedNet, SourceSpec, TaskHeads
 from xlearner.models.backbone import load_initial_weights
@@ -76,7 +77,7 @@ def test_export_command_expansion_branch(tmp_path, capsys):
     from safetensors.torch import save_file
 
     srcs = [SourceSpec("a", "cls", 3), SourceSpec("s", "seg", 2)]
-    net = ExpandedNet(CFG, ["cls", "seg"], TaskHeads(srcs, [8, 16, 32, 64], [4, 8, 16, 32], 32))
+    net = ExpandedNet(CFG, ["cls", "seg"], TaskHeads(srcs, [8, 16, 32, 64], [4, 8, 16, 32], HeadOptions(fpn_channels=32)))
     _trained_like(net.backbones["seg"])
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "run.json").write_text(json.dumps({"stage": "expansion", "config": {"backbone": CFG.model_dump(mode="json")}}))

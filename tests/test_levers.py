@@ -347,14 +347,14 @@ def test_pretrained_backbone_adds_the_imagenet_method(tmp_path):
 def test_scratch_stays_random_when_the_others_start_pretrained(tmp_path, embedded_home):
     from safetensors.torch import load_file
 
-    from xlearner.pipeline import build_parts
+    from xlearner.pipeline import build_parts, run_part
 
     embedded_home("mnist")
     cfg = tiny_cfg(**{"backbone": {"name": "tv:mobilenet_v2", "weights": "imagenet"},
                       "sources": [{"name": "digits", "task": "cls", "dataset": "mnist", "batch_size": 4}]})
     parts, _ = build_parts(cfg, tmp_path)
-    next(p for p in parts if p.name == "scratch").run()
-    next(p for p in parts if p.name == "export imagenet").run()
+    run_part(next(p for p in parts if p.name == "scratch"), cfg)
+    run_part(next(p for p in parts if p.name == "export imagenet"), cfg)
     scratch = load_file(str(tmp_path / "scratch" / "model.safetensors"))["backbone.features.0.0.weight"]
     imagenet = load_file(str(tmp_path / "backbones" / "imagenet.safetensors"))["features.0.0.weight"]
     from xlearner.data.pretrained import imagenet_weights_path

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from xlearner.tasks import HeadOptions
+from xlearner import tasks
 from xlearner.config import BackboneConfig
 from xlearner.models import (Backbone, DetHead, ExpandedNet, FPNNeck, Reconciliation, SegHead, SharedNet,
                              SourceSpec, TaskHeads, count_parameters)
@@ -28,7 +30,7 @@ def _expanded(**kw):
     if key not in _BUILT:
         torch.manual_seed(0)
         bb = Backbone(CFG)
-        _BUILT[key] = ExpandedNet(CFG, TASKS, TaskHeads(SOURCES, bb.channels, bb.strides, 32), **kw)
+        _BUILT[key] = ExpandedNet(CFG, TASKS, TaskHeads(SOURCES, bb.channels, bb.strides, HeadOptions(fpn_channels=32)), **kw)
     return copy.deepcopy(_BUILT[key])
 
 
@@ -138,30 +140,39 @@ def test_no_reconciliation_runs_only_own_branch():
     assert all(n == (1 if t == "cls" else 0) for (t, _), n in calls.items())
 
 
+def _head_out(th, name, feats, size=(64, 64)):
+    """Neck + head of source ``name`` (det: the neck's FPN levels, what DetHead.losses/detect take)."""
+    task = th.sources[name].task
+    neck = th.necks[task](feats)
+    if task == "det":
+        return neck
+    return tasks.get(task).predict(th.heads[name], neck, torch.zeros(1, 3, *size))
+
+
 def test_single_task_expanded():
     bb = Backbone(CFG)
-    net = ExpandedNet(CFG, ["cls"], TaskHeads(SOURCES[:1], bb.channels, bb.strides, 32))
+    net = ExpandedNet(CFG, ["cls"], TaskHeads(SOURCES[:1], bb.channels, bb.strides, HeadOptions(fpn_channels=32)))
     assert len(net.reconcilers) == 0
-    assert net.task_heads.head_forward("a", net.branch_features(_x(32), "cls")).shape == (2, 5)
+    assert _head_out(net.task_heads, "a", net.branch_features(_x(32), "cls")).shape == (2, 5)
 
 
 def test_shared_backbone_size_equals_one_branch():
     net = _expanded()
     bb = Backbone(CFG)
-    shared = SharedNet(bb, TaskHeads(SOURCES, bb.channels, bb.strides, 32))
+    shared = SharedNet(bb, TaskHeads(SOURCES, bb.channels, bb.strides, HeadOptions(fpn_channels=32)))
     assert shared.param_counts()["backbone"] == net.param_counts()["backbone/cls"] == count_parameters(net.backbones["det"])
     assert net.param_counts()["reconciliation"] > 0
 
 
 def test_task_heads_outputs():
     bb = Backbone(CFG)
-    th = TaskHeads(SOURCES, bb.channels, bb.strides, 32)
+    th = TaskHeads(SOURCES, bb.channels, bb.strides, HeadOptions(fpn_channels=32))
     assert set(th.necks) == {"cls", "det", "seg"} and set(th.heads) == {"a", "b", "d", "s"}
     feats = bb(_x())
-    assert th.head_forward("a", feats).shape == (2, 5)
-    assert th.head_forward("b", feats).shape == (2, 3)
-    assert th.head_forward("s", feats).shape == (2, 4, 64, 64)
-    fpn = th.head_forward("d", feats)
+    assert _head_out(th, "a", feats).shape == (2, 5)
+    assert _head_out(th, "b", feats).shape == (2, 3)
+    assert _head_out(th, "s", feats).shape == (2, 4, 64, 64)
+    fpn = _head_out(th, "d", feats)
     # the det neck gives FCOS's P3..P7 (strides 8..128; P6 and P7 of a 64 px image are 1x1)
     assert [f.shape for f in fpn] == [(2, 32, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2), (2, 32, 1, 1), (2, 32, 1, 1)]
     assert th.heads["d"].strides == [8, 16, 32, 64, 128]

@@ -33,11 +33,11 @@ class TwoSourceStage(nn.Module):
         self.net = nn.Sequential(nn.BatchNorm2d(1, affine=False))
         self.scale = nn.Parameter(torch.ones(()))
 
-    def run_backbone(self, images: Tensor, task: str) -> Tensor:
+    def features(self, images: Tensor, task: str) -> Tensor:
         return self.net(images)
 
     def predict(self, images: Tensor, source: str) -> Tensor:
-        z = self.run_backbone(images, "cls").flatten(1) * self.scale
+        z = self.features(images, "cls").flatten(1) * self.scale
         return torch.cat([-z, z], dim=1)  # class 1 where the normalised value is positive
 
     def product(self) -> nn.Module:
@@ -48,8 +48,8 @@ def _blend_statistics(stage: TwoSourceStage) -> None:
     stage.train()
     with torch.no_grad():
         for ba, bb in zip(_batches("a", 30, seed=1), _batches("b", 30, seed=2)):
-            stage.run_backbone(ba["images"], "cls")
-            stage.run_backbone(bb["images"], "cls")
+            stage.features(ba["images"], "cls")
+            stage.features(bb["images"], "cls")
 
 
 def test_precise_bn_restores_per_source_accuracy():
@@ -83,7 +83,7 @@ def test_precise_bn_statistics_are_exact_and_mode_is_kept():
     stage.train()
     loader = _batches("a", n=3, seed=7)
     xs = torch.cat([b["images"] for b in loader])
-    with common.precise_bn(stage.product(), lambda x: stage.run_backbone(x, "cls"), loader):
+    with common.precise_bn(stage.product(), lambda x: stage.features(x, "cls"), loader):
         bn = stage.net[0]
         assert not bn.training
         # cumulative average of the per-batch means (equal batch sizes: the mean of all images)

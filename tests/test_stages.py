@@ -269,7 +269,7 @@ def test_squeeze_stage_module(expansion_run, data_root):
     teacher, _, specs = load_teacher(exp_dir)
     stage = SqueezeStage(cfg, specs, teacher)
     for k, v in teacher.backbones["det"].state_dict().items():
-        assert torch.equal(stage.student.backbone.state_dict()[k], v)
+        assert torch.equal(stage.net.backbone.state_dict()[k], v)
     assert not any(k.startswith("teacher") for k in stage.state_dict())
     assert all(not p.requires_grad for p in teacher.parameters())
     stage.train()
@@ -380,7 +380,7 @@ def test_squeeze_resumes_without_teacher_in_checkpoint(squeeze_run, expansion_ru
 
 
 def test_seg_loss_is_the_mean_over_kept_pixels_and_zero_when_all_are_ignored():
-    from xlearner.stages.common import seg_loss
+    from xlearner.tasks import seg_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)

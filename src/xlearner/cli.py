@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     # --- training ---------------------------------------------------------------------
     p = sub.add_parser("train", help="train one stage: expansion, squeeze or a baseline")
     p.add_argument("config", help="preset name (quick, default, gpu, pretrained, ...) or YAML path")
-    p.add_argument("--stage", required=True, choices=["expansion", "squeeze", "ssst", "msst", "msmt", "scratch"])
+    from xlearner import tasks
+    from xlearner.stages import STAGES
+
+    p.add_argument("--stage", required=True, choices=list(STAGES))
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     _add_overrides(p)
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, choices=["timm", "torchvision"],
                    help="key names of the file (default: the backbone's own library: torchvision for "
                         "tv:mobilenet_v2, timm otherwise)")
-    p.add_argument("--branch", default=None, choices=["cls", "det", "seg"],
+    p.add_argument("--branch", default=None, choices=list(tasks.names()),
                    help="for an expansion run: which task backbone to export (default cls)")
     p.add_argument("--out", required=True, help="output .safetensors file")
 

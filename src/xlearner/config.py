@@ -260,7 +260,9 @@ class SqueezeConfig(_Strict):
 
 class BaselineConfig(_Strict):
     ssst_source: str | None = None
-    """Source for SSST; None picks the cls source with the most training images."""
+    """Source for SSST; None picks the ``ssst_task`` source with the most training images."""
+    ssst_task: Task = "cls"
+    """Task of the SSST baseline (the supervised single-dataset model, e.g. ImageNet classification)."""
     msst_task: Task = "cls"
     """Task whose sources MSST trains on (`xlearner run` trains MSST for every task)."""
     imagenet: bool = True

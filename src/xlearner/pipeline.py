@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from xlearner.config import RunConfig, load_config
+from xlearner.files import read_json, write_json_atomic, write_text_atomic
 
 def _balanced_loss(cfg: RunConfig) -> list[str]:
     """Each task's sources share one unit of loss weight (today a task with two sources counts twice)."""
@@ -70,9 +70,10 @@ def imagenet_compatible(cfg: RunConfig) -> bool:
     return cfg.backbone.name == "tv:mobilenet_v2" and not cfg.backbone.kwargs
 
 
-MODEL_LAYOUT = 2
+MODEL_LAYOUT = 3
 """Bumped when the models' layout or losses change for the same config (2: det head on FCOS's
-levels P3..P7, no stride-4 level): finished parts of an older layout are not reused."""
+levels P3..P7, no stride-4 level; 3: the squeeze student is the stage's ``net`` as in every stage, and
+``baselines.ssst_task`` exists): finished parts of an older layout are not reused."""
 
 
 def _key(*parts: object) -> str:
@@ -89,40 +90,69 @@ UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "backbone", 
 
 @dataclass
 class Part:
-    """One resumable unit of the main job."""
+    """One resumable unit of the main job: a plain record, run by :func:`run_part`.
+
+    ``kind``: ``train`` (stage ``stage`` with config ``cfg`` into folder ``path``), ``export``
+    (the backbone of run folder ``source``, or the ImageNet model when ``source`` is None, branch
+    ``branch``, to ``path``) or ``transfer`` (backbone file ``source`` to embedded dataset
+    ``dataset``, result JSON ``path``). ``key``: hash of everything the part depends on; a
+    finished part whose key matches is skipped. ``weight``: rough relative duration (the
+    time-left estimate). ``deps``: names of the parts that must run first.
+    """
 
     name: str
+    kind: str
     key: str
-    weight: float  # rough relative duration, for the time-left estimate
-    done: Callable[[], bool]
-    run: Callable[[], None]
+    weight: float
+    path: Path
+    cfg: RunConfig | None = None
+    stage: str | None = None
+    source: Path | None = None
+    branch: str | None = None
+    dataset: str | None = None
     deps: list[str] = field(default_factory=list)
 
 
-def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def part_done(part: Part) -> bool:
+    """Finished with the same key (a train part: its model and a done run.json are there too)."""
+    if part.kind == "train":
+        info = read_json(part.path / "part.json")
+        return bool(info and info.get("key") == part.key and (part.path / "model.safetensors").is_file()
+                    and (read_json(part.path / "run.json") or {}).get("status") == "done")
+    marker = part.path.with_suffix(".json") if part.kind == "export" else part.path
+    return (read_json(marker) or {}).get("key") == part.key and part.path.is_file()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def run_part(part: Part, cfg: RunConfig) -> None:
+    """Run one part: train a stage (resuming its checkpoint when the key is unchanged), export a
+    backbone, or transfer one to one dataset; each records its key when it is done."""
+    if part.kind == "train":
+        from xlearner.stages import train_stage
 
+        info = read_json(part.path / "part.json") or {}
+        resume = (part.path / "checkpoints" / "last.pt").is_file() and info.get("key") == part.key
+        write_json_atomic(part.path / "part.json", {"key": part.key, "status": "running"})
+        train_stage(part.cfg, part.stage, part.path, resume=resume)
+        write_json_atomic(part.path / "part.json", {"key": part.key, "status": "done"})
+    elif part.kind == "export":
+        if part.source is None:
+            export_imagenet(cfg, part.path)
+        else:
+            from xlearner.models.export import native_format
+            from xlearner.runs import export_run
 
-def _stage_done(run_dir: Path, key: str) -> bool:
-    info = _read_json(run_dir / "part.json")
-    return bool(info and info.get("key") == key and (run_dir / "model.safetensors").is_file()
-                and (_read_json(run_dir / "run.json") or {}).get("status") == "done")
+            export_run(part.source, part.path, format=native_format(cfg.backbone.name), branch=part.branch)
+        write_json_atomic(part.path.with_suffix(".json"), {"key": part.key})
+    elif part.kind == "transfer":
+        from xlearner.transfer.suite import transfer_one
+
+        write_json_atomic(part.path, {**transfer_one(part.source, part.dataset, cfg), "key": part.key})
+    else:
+        raise ValueError(f"unknown part kind {part.kind!r}")
 
 
 def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple[list[Part], dict[str, list[str]]]:
     """The list of parts of the main job and, per method, the stage folders whose cost it carries."""
-    from xlearner.stages import train_stage
-
     parts: list[Part] = []
     methods: dict[str, list[str]] = {}
     # method -> (stage dir, part key, branch); stage dir None: not trained here (imagenet)
@@ -133,18 +163,7 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
 
     def stage_part(dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
                    deps: list[str] | None = None) -> None:
-        run_dir = out / dirname
-
-        def run() -> None:
-            resume = (run_dir / "checkpoints" / "last.pt").is_file()
-            info = _read_json(run_dir / "part.json")
-            if info and info.get("key") != key:
-                resume = False  # the config changed: the old checkpoint belongs to other settings
-            _write_json(run_dir / "part.json", {"key": key, "status": "running"})
-            train_stage(stage_cfg, stage, run_dir, resume=resume)
-            _write_json(run_dir / "part.json", {"key": key, "status": "done"})
-
-        parts.append(Part(dirname, key, weight, lambda: _stage_done(run_dir, key), run, deps or []))
+        parts.append(Part(dirname, "train", key, weight, out / dirname, cfg=stage_cfg, stage=stage, deps=deps or []))
 
     # --- X-Learner: expansion then squeeze --------------------------------------------------
     main_expansion: dict[str, str] = {}
@@ -158,9 +177,10 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
             stage_part(exp_dir, "expansion", xcfg, exp_key, steps * n_tasks)
         if not prefix:
             main_expansion["key"] = exp_key
-        if direct:
+        if direct:  # the branch of the ssst task (the classification branch by default) is transferred
             methods[method] = [exp_dir]
-            backbone_of[method] = (exp_dir, exp_key, "cls" if "cls" in xcfg.tasks else xcfg.tasks[0])
+            task = xcfg.baselines.ssst_task
+            backbone_of[method] = (exp_dir, exp_key, task if task in xcfg.tasks else xcfg.tasks[0])
             return
         sq_cfg = xcfg.model_copy(deep=True)
         sq_cfg.squeeze.teacher = out / exp_dir
@@ -182,7 +202,8 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
                        direct=ablation == "expansion_direct")
 
     # --- baselines on the same engine and step budget --------------------------------------
-    baselines: list[tuple[str, str, RunConfig]] = [("ssst", "ssst", cfg)] if "cls" in cfg.tasks else []
+    has_ssst = cfg.baselines.ssst_source is not None or cfg.baselines.ssst_task in cfg.tasks
+    baselines: list[tuple[str, str, RunConfig]] = [("ssst", "ssst", cfg)] if has_ssst else []
     for task in cfg.tasks:
         bcfg = cfg.model_copy(deep=True)
         bcfg.baselines.msst_task = task
@@ -205,36 +226,17 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
 
     # --- export + transfer -------------------------------------------------------------------
     transfer_sections = _sections(cfg, "transfer", "seed")
+    transfer_weight = 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10)
     for method, (dirname, stage_key, branch) in backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
         bb_key = _key("export", stage_key, branch)
-
-        def export(dirname=dirname, bb_path=bb_path, bb_key=bb_key, branch=branch) -> None:
-            from xlearner.models.export import export_run, native_format
-
-            if dirname is None:
-                export_imagenet(cfg, bb_path)
-            else:
-                export_run(out / dirname, bb_path, format=native_format(cfg.backbone.name), branch=branch)
-            _write_json(bb_path.with_suffix(".json"), {"key": bb_key})
-
-        parts.append(Part(f"export {method}", bb_key, 0.1,
-                          lambda p=bb_path, k=bb_key: (_read_json(p.with_suffix(".json")) or {}).get("key") == k and p.is_file(),
-                          export, [dirname] if dirname else []))
+        parts.append(Part(f"export {method}", "export", bb_key, 0.1, bb_path,
+                          source=out / dirname if dirname else None, branch=branch, deps=[dirname] if dirname else []))
         for dataset in cfg.transfer.datasets:
-            result = out / "transfer" / method / f"{dataset}.json"
-            t_key = _key("transfer", bb_key, dataset, transfer_sections)
-
-            def transfer(result=result, dataset=dataset, bb_path=bb_path, t_key=t_key) -> None:
-                from xlearner.transfer.suite import transfer_one
-
-                res = transfer_one(bb_path, dataset, cfg)
-                res["key"] = t_key
-                _write_json(result, res)
-
-            parts.append(Part(f"transfer {method} -> {dataset}", t_key, 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10),
-                              lambda r=result, k=t_key: (_read_json(r) or {}).get("key") == k,
-                              transfer, [f"export {method}"]))
+            parts.append(Part(f"transfer {method} -> {dataset}", "transfer",
+                              _key("transfer", bb_key, dataset, transfer_sections), transfer_weight,
+                              out / "transfer" / method / f"{dataset}.json", source=bb_path, dataset=dataset,
+                              deps=[f"export {method}"]))
     return in_dependency_order(parts), methods
 
 
@@ -288,11 +290,11 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
         print(f"[xlearner run] ImageNet MobileNetV2 weights: {fetch_imagenet_weights()}")
 
     parts, methods = build_parts(cfg, out, ablation)
-    _write_json(out / "methods.json", methods)
-    (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_json_atomic(out / "methods.json", methods)
+    write_text_atomic(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))
     ticks = {id(p): max(1, round(100 * p.weight)) for p in parts}  # integer ticks: the bar ends exactly at 100 %
     total = sum(ticks.values())
-    todo = [p for p in parts if not p.done()]
+    todo = [p for p in parts if not part_done(p)]
     skipped = len(parts) - len(todo)
     print(f"[xlearner run] {len(parts)} parts, {skipped} already finished and skipped, {len(todo)} to run")
     timings: dict[str, float] = {}
@@ -303,17 +305,17 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
             bar.set_description(f"main job [{part.name}]")
             tqdm.write(f"[xlearner run] -> {part.name}")
             t = time.time()
-            part.run()
+            run_part(part, cfg)
             timings[part.name] = round(time.time() - t, 1)
             bar.update(ticks[id(part)])
-    prior = _read_json(out / "timings.json") or {}
+    prior = read_json(out / "timings.json") or {}
     prior.update(timings)
-    _write_json(out / "timings.json", prior)
+    write_json_atomic(out / "timings.json", prior)
     report = write_report(out)
     print(f"[xlearner run] done in {time.time() - t0:.0f} s; report: {report}")
     from xlearner.report import print_gate_failures
 
-    print_gate_failures(_read_json(out / "results.json") or {})
+    print_gate_failures(read_json(out / "results.json") or {})
     return report
 
 

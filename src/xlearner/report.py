@@ -18,9 +18,33 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TASK_ORDER = ("cls", "det", "seg")
-TASK_TITLE = {"cls": "classification (top-1)", "det": "detection (COCO mAP)", "seg": "segmentation (mIoU)"}
-STAGE_DIRS = ("expansion", "squeeze", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch")
+COST_KEYS = ("images_seen", "gflops", "steps")
+
+
+def _task_order() -> tuple[str, ...]:
+    from xlearner import tasks
+
+    return tasks.names()
+
+
+def _task_title(task: str) -> str:
+    from xlearner import tasks
+
+    t = tasks.get(task)
+    return f"{t.title} ({t.metric_title})"
+
+
+def _report_columns(task: str) -> tuple[str, ...]:
+    """Secondary figures shown beside a task's metric (det: AP50)."""
+    from xlearner import tasks
+
+    return tasks.get(task).report_columns if task in tasks.names() else ()
+
+
+def _stage_dirs(run_dir: Path, method_stages: dict) -> list[str]:
+    """Every stage folder of the run (a run.json one level down) and those the methods name."""
+    found = {p.parent.name for p in run_dir.glob("*/run.json")}
+    return sorted(found | {s for v in method_stages.values() for s in v})
 COST_KEYS = ("images_seen", "gflops", "steps")
 
 
@@ -140,19 +164,20 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 "seeds": r.get("seeds"),
             }
             extra = r.get("extra") or {}
-            if "AP50" in extra and isinstance(extra["AP50"], list) and extra["AP50"]:
-                ap50 = [100.0 * float(v) for v in extra["AP50"]]
-                entry["AP50_mean"] = _mean(ap50)
+            for col in _report_columns(r.get("task", "")):
+                if isinstance(extra.get(col), list) and extra[col]:
+                    entry[f"{col}_mean"] = _mean([100.0 * float(v) for v in extra[col]])
             ds["methods"][m] = entry
             if r.get("backbone_params") is not None:
                 bb_params[m] = int(r["backbone_params"])
 
-    ordered = sorted(datasets, key=lambda d: (TASK_ORDER.index(datasets[d]["task"])
-                                              if datasets[d]["task"] in TASK_ORDER else 9, d))
+    order = _task_order()
+    ordered = sorted(datasets, key=lambda d: (order.index(datasets[d]["task"])
+                                              if datasets[d]["task"] in order else len(order), d))
     datasets = {d: datasets[d] for d in ordered}
 
     # --- per task type averages --------------------------------------------------
-    tasks = [t for t in TASK_ORDER if any(d["task"] == t for d in datasets.values())]
+    tasks = [t for t in order if any(d["task"] == t for d in datasets.values())]
     per_task: dict[str, dict[str, Any]] = {}
     for t in tasks:
         names = [d for d, v in datasets.items() if v["task"] == t]
@@ -194,7 +219,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
 
     # --- costs -------------------------------------------------------------------
     stage_costs: dict[str, dict[str, Any]] = {}
-    for sd in sorted({*STAGE_DIRS, *(s for v in method_stages.values() for s in v)}):
+    for sd in _stage_dirs(run_dir, method_stages):
         f = run_dir / sd / "run.json"
         if f.is_file():
             try:
@@ -253,7 +278,7 @@ def check_gates(run_dir: Path, datasets: dict[str, Any], method_stages: dict[str
     standard errors of the paired difference over at least ``min_seeds`` seeds.
     """
     upstream = []
-    stage_dirs = sorted({*STAGE_DIRS, *(s for v in method_stages.values() for s in v)})
+    stage_dirs = _stage_dirs(run_dir, method_stages)
     for sd in stage_dirs:
         f = run_dir / sd / "run.json"
         if not f.is_file():
@@ -470,7 +495,7 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                 continue
             rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
                                           res["gains_verdict"][t].get(m)) for t in tasks])
-        L += _table(["baseline"] + [TASK_TITLE.get(t, t) for t in tasks], rows) + [""]
+        L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
         if "gains" in plots:
             L += [f"![gains]({plots['gains']})", ""]
 
@@ -480,20 +505,21 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     for d, v in ds.items():
         L += [f"### {d} ({v['task']}, {v['metric']})", ""]
         rows = []
+        extra = _report_columns(v["task"])
         for m in methods:
             e = v["methods"].get(m)
             if e is None:
                 continue
             row = [m, e.get("mode") or "-", f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})"]
-            if v["task"] == "det":
-                row.append(f"{e['AP50_mean']:.1f}" if "AP50_mean" in e else "-")
+            for col in extra:
+                row.append(f"{e[col + '_mean']:.1f}" if col + "_mean" in e else "-")
             if ref is not None and m != ref and m in res["per_dataset_gain"].get(d, {}):
                 row.append(_gain_cell(res["per_dataset_gain"][d][m], res["per_dataset_gain_se"][d][m],
                                       res["per_dataset_verdict"][d][m]))
             else:
                 row.append("")
             rows.append(row)
-        header = ["method", "mode", v["metric"]] + (["AP50"] if v["task"] == "det" else []) + \
+        header = ["method", "mode", v["metric"]] + list(extra) + \
                  [f"{ref} gain" if ref else "gain"]
         L += _table(header, rows) + [""]
 
@@ -509,7 +535,7 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
                 row.append("-" if e is None else f"{e['mean']:.1f}" +
                            ("" if e["datasets"] == e["of"] else f" ({e['datasets']}/{e['of']} datasets)"))
             rows.append(row)
-        L += _table(["method"] + [TASK_TITLE.get(t, t) for t in tasks], rows) + [""]
+        L += _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
 
     L += ["## Training cost", "",
           "Summed over the stages each method's backbone needs (e.g. X-Learner = expansion + squeeze); "

@@ -54,10 +54,16 @@ class Task:
     """
 
     name: str = ""
+    title: str = ""
     metric: str = ""
+    metric_title: str = ""
+    report_columns: tuple[str, ...] = ()
+    """Secondary figures of the evaluator shown beside the metric in the report."""
     higher_is_better: bool = True
     dense: bool = False
     transfer_modes: tuple[str, ...] = ("frozen", "finetune")
+    image_logits: bool = False
+    """``predict`` gives one logit vector per image (the squeeze stage's KD on logits applies)."""
     reads: str | None = None
     """The task of the datasets it reads (None: its own name); a toy task may read cls data."""
 
@@ -122,6 +128,8 @@ class ClsTask(Task):
     """Image classification: pooled last feature, a linear head per source, cross-entropy, top-1."""
 
     name, metric, dense = "cls", "top1", False
+    title, metric_title = "classification", "top-1"
+    image_logits = True
     transfer_modes = ("linear", "finetune")
 
     def build_neck(self, channels, strides, opts):
@@ -162,6 +170,7 @@ class DetTask(Task):
     """Object detection: FPN on FCOS's levels, torchvision's FCOS head, COCO mAP@[.5:.95]."""
 
     name, metric, dense = "det", "mAP", True
+    title, metric_title, report_columns = "detection", "COCO mAP", ("AP50",)
 
     def build_neck(self, channels, strides, opts):
         from xlearner.models.heads import build_det_neck
@@ -249,6 +258,7 @@ class SegTask(Task):
     """Semantic segmentation: FPN + Panoptic-FPN head (or a linear probe), per-pixel CE, mIoU."""
 
     name, metric, dense = "seg", "mIoU", True
+    title, metric_title = "segmentation", "mIoU"
     ignore_index = IGNORE_INDEX
 
     def build_neck(self, channels, strides, opts):

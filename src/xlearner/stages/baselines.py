@@ -4,7 +4,7 @@
   the most training images;
 - ``msst``: every source of ``baselines.msst_task``;
 - ``msmt``: every source of every task, one hard-shared backbone, per-source heads;
-- ``scratch``: no training; the random-init SharedNet is saved as it is.
+- ``scratch``: zero steps; the random-init SharedNet is saved as it is.
 
 Each is a SharedNet (one backbone + task necks + per-source heads); a step's loss is the
 weighted sum of each source's task loss, as in the expansion stage.
@@ -13,69 +13,69 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from xlearner.config import ConfigError, RunConfig, SourceConfig
-from xlearner.stages.common import net_parts, predict, task_loss
-
-BASELINES = ("ssst", "msst", "msmt", "scratch")
-
-
-def select_sources(cfg: RunConfig, stage: str, train_sizes: dict[str, int] | None = None) -> list[SourceConfig]:
-    """The sources a baseline trains on. ``train_sizes`` (name -> training images) picks the SSST source."""
-    if stage == "ssst":
-        if cfg.baselines.ssst_source is not None:
-            return [cfg.source(cfg.baselines.ssst_source)]
-        cls = [s for s in cfg.sources if s.task == "cls"]
-        if not cls:
-            raise ConfigError("ssst needs a cls source (or baselines.ssst_source); this config has none")
-        if len(cls) == 1:
-            return cls
-        if train_sizes is None:
-            raise ValueError("ssst with several cls sources needs their training sizes to pick the largest")
-        order = {s.name: i for i, s in enumerate(cfg.sources)}
-        return [max(cls, key=lambda s: (train_sizes[s.name], -order[s.name]))]
-    if stage == "msst":
-        chosen = [s for s in cfg.sources if s.task == cfg.baselines.msst_task]
-        if not chosen:
-            raise ConfigError(f"msst: no source of task '{cfg.baselines.msst_task}' (baselines.msst_task); "
-                              f"tasks present: {cfg.tasks}")
-        return chosen
-    if stage in ("msmt", "scratch", "expansion", "squeeze"):
-        return list(cfg.sources)
-    raise ValueError(f"unknown baseline {stage!r}; baselines: {BASELINES}")
+from xlearner.config import ConfigError, RunConfig
+from xlearner.stages.common import head_options
+from xlearner.stages.stage import NetStage
 
 
 def build_shared_net(cfg: RunConfig, specs: list) -> nn.Module:
     from xlearner.models.backbone import Backbone
     from xlearner.models.nets import SharedNet, TaskHeads
-    from xlearner.stages.common import det_image_size
 
     backbone = Backbone(cfg.backbone)
-    return SharedNet(backbone, TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels,
-                                         det_image_size(cfg, specs), cfg.det_head_convs))
+    return SharedNet(backbone, TaskHeads(specs, backbone.channels, backbone.strides, head_options(cfg, specs)))
 
 
-class BaselineStage(nn.Module):
-    def __init__(self, cfg: RunConfig, specs: list, net: nn.Module | None = None):
-        super().__init__()
-        self.specs = {s.name: s for s in specs}
-        self.net = net if net is not None else build_shared_net(cfg, specs)
+class SharedNetStage(NetStage):
+    """One backbone shared by every source of the stage."""
 
-    def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
-        necks, heads = net_parts(self.net)
-        losses = {}
-        for source, b in batch.items():
-            task = self.specs[source].task
-            feats = self.net.backbone(b["images"])
-            losses[source] = task_loss(task, heads[source], necks[task](feats), b)
-        return losses
+    @classmethod
+    def build(cls, cfg, specs, run_dir=None):
+        return cls(cfg, specs, build_shared_net(cfg, specs))
 
-    def predict(self, images: Tensor, source: str):
-        necks, heads = net_parts(self.net)
-        task = self.specs[source].task
-        return predict(task, heads[source], necks[task](self.net.backbone(images)), images)
-
-    def run_backbone(self, images: Tensor, task: str):
+    def features(self, images: Tensor, task: str):
         return self.net.backbone(images)
 
-    def product(self) -> nn.Module:
-        return self.net
+
+class MSMT(SharedNetStage):
+    name = "msmt"
+
+
+class MSST(SharedNetStage):
+    name = "msst"
+
+    @classmethod
+    def select_sources(cls, cfg, train_size):
+        chosen = [s for s in cfg.sources if s.task == cfg.baselines.msst_task]
+        if not chosen:
+            raise ConfigError(f"msst: no source of task '{cfg.baselines.msst_task}' (baselines.msst_task); "
+                              f"tasks present: {cfg.tasks}")
+        return chosen
+
+
+class SSST(SharedNetStage):
+    name = "ssst"
+
+    @classmethod
+    def select_sources(cls, cfg, train_size):
+        if cfg.baselines.ssst_source is not None:
+            return [cfg.source(cfg.baselines.ssst_source)]
+        task = cfg.baselines.ssst_task
+        candidates = [s for s in cfg.sources if s.task == task]
+        if not candidates:
+            raise ConfigError(f"ssst needs a {task} source (baselines.ssst_task, or baselines.ssst_source); "
+                              f"this config has none")
+        if len(candidates) == 1:
+            return candidates
+        order = {s.name: i for i, s in enumerate(cfg.sources)}
+        return [max(candidates, key=lambda s: (train_size(s), -order[s.name]))]
+
+
+class Scratch(SharedNetStage):
+    """Random initialisation, saved untrained: what every gain is measured against."""
+
+    name = "scratch"
+
+    @classmethod
+    def steps(cls, cfg):
+        return 0

@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlearner import tasks
 from xlearner.config import RunConfig, SourceConfig
-
-IGNORE_INDEX = 255
 
 
 # ----------------------------------------------------------------------------- data
@@ -24,19 +22,29 @@ IGNORE_INDEX = 255
 class StageData:
     """Train datasets of the stage's sources, the infinite multi-source loader, val loaders."""
 
-    sources: list[SourceConfig]
     datasets: dict            # name -> train SourceDataset
     loader: object            # MultiSourceLoader
     val_loaders: dict         # name -> DataLoader over the val split
-    batch_sizes: dict         # name -> per-rank batch size
-    world_size: int = 1
+    tasks: dict               # name -> task name
+    num_classes: dict         # name -> label-space size
     val_datasets: dict = field(default_factory=dict)  # name -> val split (its bad-record count)
-    bn_loaders: dict | None = None  # name -> DataLoader over train images, for precise BN
+    bn_loaders: dict = field(default_factory=dict)    # name -> DataLoader over train images, for precise BN
+
+
+class OpenedSources:
+    """Train splits opened on first use (``opened[source_config]``): a stage that compares
+    sources' sizes to choose among them (ssst) opens each once."""
+
+    def __init__(self) -> None:
+        self._opened: dict = {}
+
+    def __getitem__(self, source: SourceConfig):
+        if source.name not in self._opened:
+            self._opened[source.name] = build_source(source, "train")
+        return self._opened[source.name]
 
 
 def build_datasets(sources: Sequence[SourceConfig], split: str = "train") -> dict:
-    from xlearner.data.sources import build_source
-
     return {s.name: build_source(s, split) for s in sources}
 
 
@@ -100,8 +108,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     batch_sizes = {s.name: s.batch_size for s in sources}
     transforms = {s.name: build_transform(s.task, cfg.size_of(s), True, cfg.augment.of(s.task), resize=s.resize_mode)
                   for s in sources}
-    tasks = {s.name: s.task for s in sources}
-    loader = MultiSourceLoader(datasets, batch_sizes, transforms, tasks, seed=cfg.seed, rank=rank,
+    task_of = {s.name: s.task for s in sources}
+    loader = MultiSourceLoader(datasets, batch_sizes, transforms, task_of, seed=cfg.seed, rank=rank,
                                world_size=world_size, num_workers=cfg.train.num_workers,
                                pin_memory=torch.cuda.is_available())
     val_loaders, val_datasets = {}, {}
@@ -124,7 +132,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
         for s in sources:
             bn_loaders[s.name] = eval_loader(spread_subset(datasets[s.name], cfg.train.precise_bn_batches * s.batch_size),
                                              s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode)
-    return StageData(sources, datasets, loader, val_loaders, batch_sizes, world_size, val_datasets, bn_loaders)
+    return StageData(datasets, loader, val_loaders, task_of, {n: int(d.num_classes) for n, d in datasets.items()},
+                     val_datasets, bn_loaders)
 
 
 def spread_subset(dataset, n: int):
@@ -154,10 +163,14 @@ def source_specs(sources: Sequence[SourceConfig], datasets: dict) -> list:
     return [SourceSpec(s.name, s.task, int(datasets[s.name].num_classes)) for s in sources]
 
 
-def det_image_size(cfg: RunConfig, specs) -> int | None:
-    """The largest image side of the det sources among ``specs`` (it picks the det head's levels)."""
-    names = {s.name for s in specs if s.task == "det"}
-    return max((cfg.size_of(s) for s in cfg.sources if s.name in names), default=None)
+def head_options(cfg: RunConfig, specs) -> "tasks.HeadOptions":
+    """The necks' and heads' sizes of a stage: the run's widths, each task's largest image side."""
+    names = {s.name: s.task for s in specs}
+    sizes: dict[str, int] = {}
+    for s in cfg.sources:
+        if s.name in names:
+            sizes[s.task] = max(sizes.get(s.task, 0), cfg.size_of(s))
+    return tasks.HeadOptions(fpn_channels=cfg.fpn_channels, det_head_convs=cfg.det_head_convs, image_sizes=sizes)
 
 
 def source_records(sources: Sequence[SourceConfig], datasets: dict) -> list[dict]:
@@ -165,66 +178,7 @@ def source_records(sources: Sequence[SourceConfig], datasets: dict) -> list[dict
              "class_names": list(getattr(datasets[s.name], "class_names", []) or [])} for s in sources]
 
 
-# ----------------------------------------------------------------------------- model parts
-def net_parts(net: nn.Module) -> tuple[nn.ModuleDict, nn.ModuleDict]:
-    """(necks per task, heads per source) of a SharedNet / ExpandedNet."""
-    th = net.task_heads
-    return th.necks, th.heads
-
-
-def image_size_of(images: Tensor) -> tuple[int, int]:
-    return int(images.shape[-2]), int(images.shape[-1])
-
-
-# ----------------------------------------------------------------------------- losses
-def task_loss(task: str, head: nn.Module, neck_feats, batch: dict) -> Tensor:
-    """The task loss of one source batch, from its head and the task neck's output.
-
-    cls: cross-entropy of the head's logits; det: the sum of the detector's own losses
-    (classification, box regression, centerness); seg: per-pixel cross-entropy with ignore
-    index 255 on logits upsampled (bilinear) to the mask size.
-    """
-    if task == "cls":
-        return F.cross_entropy(head(neck_feats), batch["labels"])
-    if task == "det":  # the training loader's padded boxes/labels, or a per-image targets list
-        targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
-        losses = head.losses(neck_feats, image_size_of(batch["images"]), targets)
-        return sum(losses.values())
-    if task == "seg":
-        logits = head(neck_feats, image_size_of(batch["images"]))
-        return seg_loss(logits, batch["masks"])
-    raise ValueError(f"unknown task {task!r}")
-
-
-def seg_loss(logits: Tensor, masks: Tensor) -> Tensor:
-    """Mean cross-entropy over the pixels not ignored; 0 (graph kept) when all are ignored.
-    Sum / count on the device: no host synchronisation to test for the all-ignored case."""
-    if logits.shape[-2:] != masks.shape[-2:]:
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def predict(task: str, head: nn.Module, neck_feats, images: Tensor):
-    """Evaluation output: cls logits (B,K), det detections [{boxes,scores,labels}], seg logits (B,K,H,W)."""
-    if task == "det":
-        return head.detect(neck_feats, image_size_of(images))
-    if task == "seg":
-        return head(neck_feats, image_size_of(images))
-    return head(neck_feats)
-
-
 # ----------------------------------------------------------------------------- validation
-def _to(obj, device):
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
 def forward_any_batch(net_forward: Callable[[Tensor, str], object], images: Tensor, name: str):
     """``net_forward(images, name)`` for any batch size, one included.
 
@@ -239,18 +193,16 @@ def forward_any_batch(net_forward: Callable[[Tensor, str], object], images: Tens
 
 
 @torch.no_grad()
-def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict, tasks: dict[str, str],
+def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict, task_of: dict[str, str],
                      num_classes: dict[str, int], max_batches: int | None = None,
                      module: nn.Module | None = None, device: torch.device | None = None) -> dict[str, float]:
-    """Validation metric per source: cls top-1, det COCO mAP@[.5:.95], seg mIoU (fractions in [0, 1]).
+    """Validation metric per source: the task's ``metric`` (top-1, COCO mAP@[.5:.95], mIoU; fractions).
 
-    ``net_forward(images, source)`` returns what :func:`predict` returns. ``module`` (if given)
+    ``net_forward(images, source)`` returns the task's ``predict`` output. ``module`` (if given)
     is put in eval mode for the duration and its device receives the batches. Sources scored at
-    the original size (batches with ``meta``, see ``metrics.DetEvaluator``) also report
-    ``<source>/AP50``, ``/AP75``, ``/APs``, ``/APm``, ``/APl`` (det) or ``/per_class_iou`` (seg).
+    the original size (batches with ``meta``, see ``metrics.DetEvaluator``) also report the
+    evaluator's other figures as ``<source>/<key>`` (det AP50, AP75, APs...; seg per_class_iou).
     """
-    from xlearner import metrics
-
     device = device or torch.device("cpu")
     was_training = None
     if module is not None:
@@ -261,33 +213,18 @@ def evaluate_sources(net_forward: Callable[[Tensor, str], object], loaders: dict
     out: dict[str, float] = {}
     try:
         for name, loader in loaders.items():
-            task, k = tasks[name], num_classes[name]
-            correct = total = 0
+            task = tasks.get(task_of[name])
             ds = getattr(loader, "dataset", None)  # any iterable of batches validates; a DataLoader
             ds = getattr(ds, "base", ds)           # tells its dataset (under the eval transform)
-            if task == "det":
-                ev = metrics.DetEvaluator(k, getattr(ds, "coco_file", None), getattr(ds, "category_ids", None))
-            elif task == "seg":
-                ev = metrics.SegEvaluator(k, getattr(ds, "class_names", None), IGNORE_INDEX)
+            ev = task.evaluator(num_classes[name], ds)
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                images = batch["images"].to(device)
-                y = forward_any_batch(net_forward, images, name)
-                if task == "cls":
-                    labels = batch["labels"].to(y.device)
-                    correct += int((y.argmax(1) == labels).sum())
-                    total += int(labels.numel())
-                else:
-                    ev.update(y, batch)
-            if task == "cls":
-                out[name] = correct / total if total else 0.0
-                continue
+                ev.update(forward_any_batch(net_forward, batch["images"].to(device), name), batch)
             res = ev.compute()
-            out[name] = float(res["mAP" if task == "det" else "mIoU"])
-            if ev.original:
-                out.update({f"{name}/{key}": v for key, v in res.items()
-                            if key not in ("mAP", "mIoU", "pixel_acc")})
+            out[name] = float(res[task.metric])
+            if getattr(ev, "original", False):
+                out.update({f"{name}/{key}": v for key, v in res.items() if key not in (task.metric, "pixel_acc")})
     finally:
         if module is not None and was_training:
             module.train()
@@ -359,7 +296,7 @@ def evaluate_precise_bn(stage: nn.Module, val_loaders: dict, bn_loaders: dict, t
         if name not in bn_loaders:
             continue
         task = tasks[name]
-        with precise_bn(stage.product(), lambda x, t=task: stage.run_backbone(x, t), bn_loaders[name], bn_batches):
+        with precise_bn(stage.product(), lambda x, t=task: stage.features(x, t), bn_loaders[name], bn_batches):
             score = evaluate_sources(stage.predict, {name: val}, tasks, num_classes, max_batches=max_batches,
                                      module=None, device=next(stage.parameters()).device)
         out[f"{name}/precise_bn"] = score[name]
@@ -396,10 +333,6 @@ def training_gflops(flops_per_image: dict[str, int], images_seen: dict[str, int]
 def images_seen(batch_sizes: dict[str, int], steps: int, world_size: int = 1) -> dict[str, int]:
     """Images each source contributed: every step draws one batch from every source on every rank."""
     return {n: int(b) * int(steps) * int(world_size) for n, b in batch_sizes.items()}
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def batch_images(batch: dict) -> int:

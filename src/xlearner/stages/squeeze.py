@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlearner import tasks
 from xlearner.config import ConfigError, RunConfig
-from xlearner.stages.common import det_image_size, estimate_bn_statistics, net_parts, predict, task_loss
+from xlearner.stages.common import estimate_bn_statistics, head_options
 from xlearner.stages.expansion import build_expanded_net
+from xlearner.stages.stage import NetStage
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -114,8 +116,7 @@ def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
             raise ConfigError(f"squeeze.init={init}: the expansion model has no '{task}' branch "
                               f"(its tasks: {list(teacher.backbones.keys())})")
         backbone.load_state_dict(teacher.backbones[task].state_dict(), strict=True)
-    heads = TaskHeads(specs, backbone.channels, backbone.strides, cfg.fpn_channels, det_image_size(cfg, specs),
-                      cfg.det_head_convs)
+    heads = TaskHeads(specs, backbone.channels, backbone.strides, head_options(cfg, specs))
     own = heads.state_dict()
     given = teacher.task_heads.state_dict()
     copy = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
@@ -228,12 +229,31 @@ def use_statistics(bns: list, stats: list[tuple[Tensor, Tensor]]) -> None:
 
 
 # ----------------------------------------------------------------------------- stage
-class SqueezeStage(nn.Module):
+class SqueezeStage(NetStage):
+    """The student ``net`` (product) learns every source while distilling the frozen teacher."""
+
+    name = "squeeze"
+
+    @classmethod
+    def build(cls, cfg, specs, run_dir=None):
+        default = run_dir.parent / "expansion" if run_dir is not None else None
+        teacher_dir = resolve_teacher_dir(cfg.squeeze.teacher, default)
+        teacher, _, _ = load_teacher(teacher_dir)
+        print(f"squeeze: teacher {teacher_dir}", flush=True)
+        generalist = None
+        if cfg.squeeze.generalist:
+            g_dir = resolve_generalist_dir(cfg.squeeze.generalist, run_dir.parent / "msmt" if run_dir is not None else None)
+            generalist = load_generalist(g_dir)
+            print(f"squeeze: generalist teacher {g_dir}", flush=True)
+        stage = cls(cfg, specs, teacher, generalist)
+        stage.teacher_dir = teacher_dir
+        return stage
+
     def __init__(self, cfg: RunConfig, specs: list, teacher: nn.Module, generalist: nn.Module | None = None):
-        super().__init__()
+        super().__init__(cfg, specs, build_student(cfg, specs, teacher))
         self.cfg = cfg
-        self.specs = {s.name: s for s in specs}
-        self.tasks = [t for t in ("cls", "det", "seg") if any(s.task == t for s in specs)]
+        self.tasks = tasks.present([s.task for s in specs])
+        self.teacher_dir: Path | None = None
         sq = cfg.squeeze
         self.distill_weight = float(sq.distill_weight)
         self.kd_weight = float(sq.kd_weight)
@@ -241,8 +261,7 @@ class SqueezeStage(nn.Module):
         self.distill_fn = DISTILL_LOSSES[sq.distill_loss]
         self.teacher_bn = sq.teacher_bn
         self.generalist_weight = float(sq.generalist_weight)
-        self.student = build_student(cfg, specs, teacher)
-        n_feats = len(self.student.backbone.channels)
+        n_feats = len(self.net.backbone.channels)
         bad = [i for i in sq.distill_stages if not 1 <= i <= n_feats]
         if bad:
             raise ConfigError(f"squeeze.distill_stages {list(sq.distill_stages)}: indices are 1-based into the "
@@ -255,7 +274,7 @@ class SqueezeStage(nn.Module):
         # which teacher branches a batch of task t is distilled from
         self.all_teachers = sq.distill_teachers == "all"
         branches = list(teacher.backbones.keys()) if self.all_teachers else self.tasks
-        chans = self.student.backbone.channels
+        chans = self.net.backbone.channels
         # adapters exist only when used: an unused parameter would stall DDP
         self.adapters = nn.ModuleDict({
             t: nn.ModuleList(_dirac_conv(chans[i - 1]) for i in self.distill_stages) for t in branches
@@ -330,18 +349,21 @@ class SqueezeStage(nn.Module):
         per_stage = [self.distill_fn(adapters[j](feats[i - 1]), t_feats[i - 1]) for j, i in enumerate(self.distill_stages)]
         return torch.stack(per_stage).mean()
 
+    def features(self, images: Tensor, task: str):
+        return self.net.backbone(images)
+
     def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
-        necks, heads = net_parts(self.student)
-        t_necks, t_heads = net_parts(self.teacher)
+        th, t_th = self.net.task_heads, self.teacher.task_heads
         losses: dict[str, Tensor] = {}
         distill: dict[str, list[Tensor]] = {}
         for source, b in batch.items():
             task = self.specs[source].task
             images = b["images"]
-            feats = self.student.backbone(images)
-            neck_out = necks[task](feats)
-            losses[source] = task_loss(task, heads[source], neck_out, b)
-            use_kd = self.kd_weight > 0 and task == "cls" and source in t_heads
+            feats = self.net.backbone(images)
+            neck_out = th.necks[task](feats)
+            losses[source] = tasks.get(task).loss(th.heads[source], neck_out, b) * self.loss_weights[source]
+            # KD on logits: tasks whose prediction is one logit vector per image (cls)
+            use_kd = self.kd_weight > 0 and tasks.get(task).image_logits and source in t_th.heads
             use_generalist = bool(len(self.generalist_adapters))
             if not self.adapters and not use_kd and not use_generalist:
                 continue
@@ -360,31 +382,21 @@ class SqueezeStage(nn.Module):
                 distill.setdefault("generalist", []).append(self._distill(self.generalist_adapters, feats, g_feats))
             if use_kd:
                 with torch.no_grad():
-                    t_logits = t_heads[source](t_necks[task](t_all[task]))
-                losses[f"kd/{source}"] = self.kd_weight * kd_loss(heads[source](neck_out), t_logits, self.temperature)
+                    t_logits = t_th.heads[source](t_th.necks[task](t_all[task]))
+                losses[f"kd/{source}"] = self.kd_weight * kd_loss(th.heads[source](neck_out), t_logits, self.temperature)
         for key, items in distill.items():
             weight = self.generalist_weight if key == "generalist" else self.distill_weight
             losses[f"distill/{key}"] = weight * torch.stack(items).mean()
         return losses
 
-    def predict(self, images: Tensor, source: str):
-        necks, heads = net_parts(self.student)
-        task = self.specs[source].task
-        return predict(task, heads[source], necks[task](self.student.backbone(images)), images)
-
-    def run_backbone(self, images: Tensor, task: str):
-        return self.student.backbone(images)
-
-    def run_teacher(self, images: Tensor, task: str):
-        """What the frozen nets cost for a batch of task ``task`` (FLOP counting)."""
+    def frozen_features(self, images: Tensor, task: str):
+        """What the frozen nets cost for a batch of task ``task`` (FLOP counting); None when unused."""
+        if not (bool(self.adapters) or self.kd_weight > 0 or bool(len(self.generalist_adapters))):
+            return None
         out = self.teacher.all_branch_features(images) if self.all_teachers else self.teacher.branch_features(images, task)
         if len(self.generalist_adapters):
             out = (out, self.generalist(images))
         return out
 
-    @property
-    def uses_teacher(self) -> bool:
-        return bool(self.adapters) or self.kd_weight > 0 or bool(len(self.generalist_adapters))
-
-    def product(self) -> nn.Module:
-        return self.student
+    def run_info(self) -> dict:
+        return {"teacher": str(self.teacher_dir)} if self.teacher_dir is not None else {}

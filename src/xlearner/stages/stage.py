@@ -1,0 +1,95 @@
+"""The stage contract: what ``train_stage`` needs from a stage, and nothing else.
+
+A stage is where models and losses meet. ``train_stage`` (stages/__init__.py) only calls:
+
+class side, before the module exists
+- ``name``: the stage's name (``xlearner train --stage``, the run folder, the report);
+- ``select_sources(cfg, train_size)``: the sources it trains on (``train_size(source)``: the
+  number of training images, opened on demand);
+- ``steps(cfg)``: its optimizer steps (``scratch``: 0, nothing is trained);
+- ``build(cfg, specs, run_dir)``: the module (teachers are loaded here);
+
+instance side
+- ``forward(batch) -> {loss name: scalar}``: the losses of one step, each already weighted (a
+  source's ``loss_weight``); the engine sums them;
+- ``predict(images, source)``: the evaluation output of the source's task (``Task.predict``);
+- ``features(images, task)``: the trained backbone work of a batch of ``task`` (FLOP count,
+  precise-BN re-estimation); ``frozen_features(images, task)``: the frozen nets' work, or None;
+- ``product()``: the network saved as ``model.safetensors``; ``run_info()``: extra run.json fields.
+
+``NetStage`` implements forward/predict for every stage whose product has ``task_heads``: a
+batch of source k (task t) runs through ``features(images, t)``, task t's neck and k's head,
+then task t's loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from torch import Tensor, nn
+
+from xlearner import tasks
+from xlearner.config import RunConfig, SourceConfig
+
+
+class Stage(nn.Module):
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def select_sources(cls, cfg: RunConfig, train_size: Callable[[SourceConfig], int]) -> list[SourceConfig]:
+        return list(cfg.sources)
+
+    @classmethod
+    def steps(cls, cfg: RunConfig) -> int:
+        return cfg.train.steps
+
+    @classmethod
+    def build(cls, cfg: RunConfig, specs: list, run_dir: Path | None) -> "Stage":
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, images: Tensor, source: str) -> Any:
+        raise NotImplementedError
+
+    def features(self, images: Tensor, task: str) -> Any:
+        raise NotImplementedError
+
+    def frozen_features(self, images: Tensor, task: str) -> Any | None:
+        return None
+
+    def product(self) -> nn.Module:
+        raise NotImplementedError
+
+    def run_info(self) -> dict:
+        return {}
+
+
+class NetStage(Stage):
+    """A stage whose product ``net`` has ``task_heads`` (a neck per task, a head per source)."""
+
+    def __init__(self, cfg: RunConfig, specs: list, net: nn.Module):
+        super().__init__()
+        self.specs = {s.name: s for s in specs}
+        self.loss_weights = {s.name: float(cfg.source(s.name).loss_weight) for s in specs}
+        self.net = net
+
+    def source_loss(self, source: str, features: Any, batch: dict) -> Tensor:
+        """Task loss of one source batch on given backbone features, times the source's weight."""
+        task = self.specs[source].task
+        th = self.net.task_heads
+        loss = tasks.get(task).loss(th.heads[source], th.necks[task](features), batch)
+        return loss * self.loss_weights[source]
+
+    def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
+        return {source: self.source_loss(source, self.features(b["images"], self.specs[source].task), b)
+                for source, b in batch.items()}
+
+    def predict(self, images: Tensor, source: str) -> Any:
+        task = self.specs[source].task
+        th = self.net.task_heads
+        return tasks.get(task).predict(th.heads[source], th.necks[task](self.features(images, task)), images)
+
+    def product(self) -> nn.Module:
+        return self.net
