@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from xlearner.files import write_text_atomic
 
 TASK_ORDER = ("cls", "det", "seg")
 TASK_TITLE = {"cls": "classification (top-1)", "det": "detection (COCO mAP)", "seg": "segmentation (mIoU)"}
 STAGE_DIRS = ("expansion", "squeeze", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch")
 COST_KEYS = ("images_seen", "gflops", "steps")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -556,9 +548,9 @@ def write_report(run_dir: str | Path) -> Path:
     res = collect(run_dir)
     plots = _plots(res, run_dir / "plots")
     res["plots"] = plots
-    _atomic_write(run_dir / "results.json", json.dumps(_jsonable(res), indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(_jsonable(res), indent=2))
     path = run_dir / "report.md"
-    _atomic_write(path, render_markdown(res, plots))
+    write_text_atomic(path, render_markdown(res, plots))
     return path
 
 

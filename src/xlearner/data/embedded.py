@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from xlearner.config import ComposerConfig
 from xlearner.data.schema import BadSampleLog
+from xlearner.files import fsync_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -595,6 +596,7 @@ def _fetch_one(name: str, home: Path | str | None) -> None:
             old = tmp / "old"
             dst.rename(old)
         out.rename(dst)  # atomic on one file system: readers see the old or the new folder, never half
+        fsync_dir(dst.parent)
     _log(f"  {name} ready in {time.time() - t0:.1f}s: " + ", ".join(f"{s} {c}" for s, c in counts.items()))
 
 

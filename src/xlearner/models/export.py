@@ -8,13 +8,13 @@ metadata (arch, kwargs, out_indices) is enough to rebuild the backbone (``load_b
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from xlearner.config import BackboneConfig, ConfigError
+from xlearner.files import write_atomic
 from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
 
 
@@ -71,14 +71,10 @@ def save_backbone(path: str | Path, tensors: dict[str, Tensor], backbone_cfg: Ba
     """Write the tensors with the metadata ``load_backbone`` needs to rebuild the backbone."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": backbone_cfg.name, "kwargs": json.dumps(backbone_cfg.kwargs),
             "out_indices": json.dumps(list(backbone_cfg.out_indices))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written file
-    return path
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
