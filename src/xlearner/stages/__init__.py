@@ -63,7 +63,8 @@ def build_stage_module(cfg: RunConfig, stage: str, specs: list, out_dir: Path | 
 
         return ExpansionStage(cfg, specs)
     if stage == "squeeze":
-        from xlearner.stages.squeeze import SqueezeStage, load_teacher, resolve_teacher_dir
+        from xlearner.runs import load_teacher, resolve_teacher_dir
+        from xlearner.stages.squeeze import SqueezeStage
 
         default = out_dir.parent / "expansion" if out_dir is not None else None
         teacher_dir = resolve_teacher_dir(cfg.squeeze.teacher, default)
@@ -71,7 +72,7 @@ def build_stage_module(cfg: RunConfig, stage: str, specs: list, out_dir: Path | 
         print(f"squeeze: teacher {teacher_dir}", flush=True)
         generalist = None
         if cfg.squeeze.generalist:
-            from xlearner.stages.squeeze import load_generalist, resolve_generalist_dir
+            from xlearner.runs import load_generalist, resolve_generalist_dir
 
             g_dir = resolve_generalist_dir(cfg.squeeze.generalist, out_dir.parent / "msmt" if out_dir is not None else None)
             generalist = load_generalist(g_dir)
@@ -203,7 +204,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
 
 
 def resolve_teacher(cfg: RunConfig, out_dir: Path) -> Path:
-    from xlearner.stages.squeeze import resolve_teacher_dir
+    from xlearner.runs import resolve_teacher_dir
 
     return resolve_teacher_dir(cfg.squeeze.teacher, Path(out_dir).parent / "expansion")
 
