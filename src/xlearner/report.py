@@ -185,14 +185,13 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                         per_dataset_verdict[d][m] = verdict(g, se)
 
     # --- costs -------------------------------------------------------------------
+    from xlearner.runs import run_info  # local: importing the report stays light (no pydantic)
+
     stage_costs: dict[str, dict[str, Any]] = {}
     for sd in sorted({*STAGE_DIRS, *(s for v in method_stages.values() for s in v)}):
-        f = run_dir / sd / "run.json"
-        if f.is_file():
-            try:
-                stage_costs[sd] = dict(_read_json(f).get("cost") or {})
-            except json.JSONDecodeError:
-                pass
+        info = run_info(run_dir / sd)
+        if info is not None:
+            stage_costs[sd] = dict(info.get("cost") or {})
     costs: dict[str, dict[str, Any]] = {}
     for m in methods:
         stages = method_stages.get(m, [m] if m in stage_costs else [])
@@ -244,15 +243,13 @@ def check_gates(run_dir: Path, datasets: dict[str, Any], method_stages: dict[str
     the on-task method beats scratch by ``separation_points`` and by ``separation_se``
     standard errors of the paired difference over at least ``min_seeds`` seeds.
     """
+    from xlearner.runs import run_info
+
     upstream = []
     stage_dirs = sorted({*STAGE_DIRS, *(s for v in method_stages.values() for s in v)})
     for sd in stage_dirs:
-        f = run_dir / sd / "run.json"
-        if not f.is_file():
-            continue
-        try:
-            info = _read_json(f)
-        except json.JSONDecodeError:
+        info = run_info(run_dir / sd)
+        if info is None:
             continue
         if not (info.get("cost") or {}).get("steps"):
             continue  # scratch: nothing trained, nothing to gate
