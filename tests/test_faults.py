@@ -220,6 +220,7 @@ def test_resume_removes_stale_temp_files(tmp_path):
 
 
 def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    from xlearner import files
     from xlearner.engine import checkpoint as ck
 
     _fit(tmp_path, 2)
@@ -228,9 +229,11 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     def full_disk(**kw):  # the temp file lives on a device that is full
         fd, name = real(**kw)
         os.close(fd)
-        return os.open("/dev/full", os.O_WRONLY), name
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
 
-    monkeypatch.setattr(ck.tempfile, "mkstemp", full_disk)
+    monkeypatch.setattr(files.tempfile, "mkstemp", full_disk)  # write_atomic makes every temp file
     with pytest.raises(ck.CheckpointWriteError) as e:
         _fit(tmp_path, 4, resume=True)
     path = ck.checkpoint_path(tmp_path)

@@ -139,7 +139,8 @@ def test_a_mobilenet_run_folder_exports_under_torchvision_names(tmp_path):
     import json
 
     from xlearner.config import RunConfig
-    from xlearner.models.export import export_run, load_backbone
+    from xlearner.models.export import load_backbone
+    from xlearner.runs import export_run
     from xlearner.models.nets import SourceSpec
     from xlearner.stages import save_product
     from xlearner.stages.baselines import build_shared_net
@@ -155,7 +156,7 @@ def test_a_mobilenet_run_folder_exports_under_torchvision_names(tmp_path):
     assert arch.name == "tv:mobilenet_v2" and backbone.channels == [24, 32, 96, 320]
     # `xlearner export RUN --out F` without --format takes the same default
     from xlearner.cli import build_parser
-    from xlearner.models.export import export_command
+    from xlearner.runs import export_command
 
     args = build_parser().parse_args(["export", str(run), "--out", str(tmp_path / "cli.safetensors")])
     assert args.format is None and export_command(args) == 0

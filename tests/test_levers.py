@@ -152,7 +152,8 @@ def test_distillation_losses_hand_checked_values():
 
 # ----------------------------------------------------------------------------- squeeze levers
 def _squeeze(cfg: RunConfig, teacher, generalist=None):
-    from xlearner.stages.squeeze import SqueezeStage, load_teacher  # noqa: F401 (load_teacher: same freezing)
+    from xlearner.runs import load_teacher  # noqa: F401 (load_teacher: same freezing)
+    from xlearner.stages.squeeze import SqueezeStage
 
     teacher.eval()
     for p in teacher.parameters():
@@ -232,7 +233,7 @@ def _write_run(run_dir: Path, net, cfg: RunConfig, stage: str) -> Path:
 def test_generalist_teacher_is_distilled_through_its_own_adapters(tmp_path):
     from xlearner.config import ConfigError
     from xlearner.stages.baselines import build_shared_net
-    from xlearner.stages.squeeze import load_generalist, resolve_generalist_dir
+    from xlearner.runs import load_generalist, resolve_generalist_dir
 
     cfg = tiny_cfg(**{"squeeze.generalist": "msmt", "squeeze.generalist_weight": 0.5})
     teacher = expanded(cfg)

@@ -261,7 +261,8 @@ def test_squeeze_trains_one_backbone(squeeze_run, expansion_run, data_root):
 def test_squeeze_stage_module(expansion_run, data_root):
     """copy:<task> init, frozen teacher kept out of the module tree, KD losses for cls sources."""
     from xlearner.stages.common import build_datasets, source_specs
-    from xlearner.stages.squeeze import SqueezeStage, load_teacher
+    from xlearner.runs import load_teacher
+    from xlearner.stages.squeeze import SqueezeStage
 
     exp_dir, _, _ = expansion_run
     cfg = tiny_config(data_root, **{"squeeze.kd_weight": 1.0, "squeeze.init": "copy:det",

@@ -183,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from xlearner.stages import train_stage_command
         return train_stage_command(args)
     if args.command == "export":
-        from xlearner.models.export import export_command
+        from xlearner.runs import export_command
         return export_command(args)
     if args.command == "transfer":
         from xlearner.transfer.suite import transfer_command

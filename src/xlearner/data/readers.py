@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from xlearner.config import SourceConfig
 from xlearner.data.schema import IGNORE_INDEX, BadSampleError, BadSampleLog
+from xlearner.files import write_atomic
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 BOX_TOLERANCE = 1.0
@@ -516,11 +517,12 @@ def coco_index(path: Path) -> dict[str, np.ndarray]:
                 pass
     idx = _parse_coco(path)
     if cache is not None:
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a path
+                np.savez(f, key=key, **idx)
+
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, key=key, **idx)
-            os.replace(tmp, cache)
+            write_atomic(cache, save)
         except OSError:
             pass  # a read-only cache only costs the next open its parse
     return idx

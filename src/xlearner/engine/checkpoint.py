@@ -4,8 +4,8 @@ Everything stored is a tensor or a plain python value (dict/list/tuple/int/float
 bool/None), so ``torch.load(path, weights_only=True)`` reads it back: RNG states are
 converted (python's ``random`` state to a list, numpy's to a tensor + ints).
 
-Writes are atomic: the file is written to a temporary name in the same folder,
-flushed and fsynced, then ``os.replace``d over the old one. A crash mid-write leaves
+Writes are atomic (:func:`xlearner.files.write_atomic`: a temporary file in the same folder,
+fsynced, then ``os.replace``d over the old one). A crash mid-write leaves
 the previous checkpoint intact, plus a temporary file that the next start or resume of the
 run removes (:func:`remove_stale_temp_files`). A write that fails (disk full, permission)
 raises :class:`CheckpointWriteError`, which names the checkpoint and says whether an
@@ -17,13 +17,14 @@ import errno
 import os
 import pickle
 import random
-import tempfile
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from xlearner.files import write_atomic
 
 LAST = "last.pt"
 
@@ -37,8 +38,9 @@ class CheckpointReadError(ValueError):
 
 
 def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed run left in ``out_dir`` (``checkpoints/.last.pt.*.tmp``
-    and the ``.<name>.tmp<pid>`` files of its outputs); return what was removed.
+    """Delete the temporary files a killed run left in ``out_dir`` (``checkpoints/.last.pt.*.tmp``,
+    and ``.<name>.*.tmp`` (``files.write_atomic``) or ``.<name>.tmp<pid>`` of its outputs); return
+    what was removed.
 
     Call it only where no other process writes into the same run folder (rank 0, at start).
     """
@@ -59,13 +61,12 @@ def checkpoint_path(out_dir: str | os.PathLike) -> Path:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``."""
+    """``torch.save`` through :func:`xlearner.files.write_atomic`; a failed write raises
+    :class:`CheckpointWriteError` (why, whether an earlier checkpoint is intact, the fix)."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             w = _Writer(f)
             try:
                 torch.save(obj, w)
@@ -73,32 +74,20 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                 if w.error is not None:  # torch hides the OSError behind "unexpected pos ..."
                     raise w.error from None
                 raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            intact = (f"the previous checkpoint {path} is intact" if path.is_file()
-                      else "no earlier checkpoint exists")
-            code = getattr(exc, "errno", None)
-            why = os.strerror(code) if code else str(exc)
-            fix = "free disk space" if code == errno.ENOSPC else "fix the folder's space or permissions"
-            err = CheckpointWriteError(
-                f"cannot write checkpoint {path} ({why}); {intact}. {fix.capitalize()}, then rerun the same "
-                f"command with --resume")
-            err.errno = code or errno.EIO
-            raise err from exc
-        raise
-    # make the rename itself durable (best effort; not all filesystems allow it)
-    with suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+
+    try:
+        write_atomic(path, write)
+    except OSError as exc:
+        intact = (f"the previous checkpoint {path} is intact" if path.is_file()
+                  else "no earlier checkpoint exists")
+        code = getattr(exc, "errno", None)
+        why = os.strerror(code) if code else str(exc)
+        fix = "free disk space" if code == errno.ENOSPC else "fix the folder's space or permissions"
+        err = CheckpointWriteError(
+            f"cannot write checkpoint {path} ({why}); {intact}. {fix.capitalize()}, then rerun the same "
+            f"command with --resume")
+        err.errno = code or errno.EIO
+        raise err from exc
 
 
 class _Writer:

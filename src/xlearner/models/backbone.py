@@ -168,10 +168,6 @@ def load_imagenet_weights(backbone: Backbone) -> None:
                          f"the ImageNet weights fit only the standard width (no width_mult)")
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
-    return Backbone(cfg)
-
-
 class WeightsError(ValueError):
     """A weights file that is refused (not weights-only), unreadable, or does not fit the backbone."""
 

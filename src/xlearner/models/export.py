@@ -1,4 +1,4 @@
-"""`xlearner export`: a trained backbone alone, under timm or torchvision key names.
+"""A backbone alone, under timm or torchvision key names (the run-folder side is ``xlearner.runs.export_run``).
 
 The backbone already keeps the key names of the model it was built from
 (see ``backbone.py``), so exporting is: take the keys under a prefix, check them against
@@ -8,13 +8,12 @@ metadata (arch, kwargs, out_indices) is enough to rebuild the backbone (``load_b
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from xlearner.config import BackboneConfig, ConfigError
+from xlearner.config import BackboneConfig
+from xlearner.files import write_atomic
 from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
 
 
@@ -71,14 +70,10 @@ def save_backbone(path: str | Path, tensors: dict[str, Tensor], backbone_cfg: Ba
     """Write the tensors with the metadata ``load_backbone`` needs to rebuild the backbone."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": backbone_cfg.name, "kwargs": json.dumps(backbone_cfg.kwargs),
             "out_indices": json.dumps(list(backbone_cfg.out_indices))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written file
-    return path
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
@@ -103,47 +98,10 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     return cfg, backbone
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, format: str | None = "timm",
-               branch: str | None = None) -> Path:
-    """Write the backbone of a run folder (the product of `xlearner train`) alone, under library key names."""
-    from safetensors.torch import load_file
+def __getattr__(name: str):
+    # pipeline.py and transfer/suite.py still import export_run from here; it moved to xlearner.runs
+    if name == "export_run":
+        from xlearner.runs import export_run
 
-    run_dir = Path(run_dir)
-    run_json, weights = run_dir / "run.json", run_dir / "model.safetensors"
-    for p in (run_json, weights):
-        if not p.is_file():
-            raise ConfigError(f"export: {p} does not exist; give a run folder written by `xlearner train`")
-    run = json.loads(run_json.read_text())
-    stage, config = run.get("stage"), run.get("config", {})
-    bcfg = BackboneConfig.model_validate({**config.get("backbone", {}), "weights": None})
-    if stage == "expansion":
-        branch = branch or "cls"
-        prefix = f"backbones.{branch}."
-    else:
-        if branch:
-            print(f"note: --branch is only for expansion runs; {stage} has one backbone")
-        prefix = "backbone."
-    state = load_file(str(weights))
-    if stage == "expansion" and not any(k.startswith(prefix) for k in state):
-        have = sorted({k.split(".")[1] for k in state if k.startswith("backbones.")})
-        raise ConfigError(f"export: expansion run has no {branch!r} branch; branches: {have}")
-    fmt = format or native_format(bcfg.name)  # None: the library the keys belong to
-    try:
-        tensors = export_backbone_state(state, prefix, fmt, bcfg.name, bcfg.kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"export: {exc}") from None
-    base = bcfg.name[3:] if bcfg.name.startswith("tv:") else bcfg.name
-    out_cfg = bcfg.model_copy(update={"name": f"tv:{base}" if fmt == "torchvision" else base})
-    out = Path(out) if out else run_dir / f"backbone_{fmt}.safetensors"
-    save_backbone(out, tensors, out_cfg)
-    params = sum(v.numel() for k, v in tensors.items() if v.is_floating_point() and "running_" not in k)
-    print(f"wrote {out}: {len(tensors)} tensors, {params:,} parameters, {fmt} key names for {out_cfg.name} "
-          f"(from the {stage} run's {prefix.rstrip('.')})")
-    return out
-
-
-def export_command(args) -> int:
-    """``xlearner export RUN_DIR --format timm|torchvision [--branch cls|det|seg] --out FILE``."""
-    export_run(args.run_dir, getattr(args, "out", None), getattr(args, "format", None),
-               getattr(args, "branch", None))
-    return 0
+        return export_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,9 +35,6 @@ nor saved in checkpoints, nor switched to train mode) but follows ``.to()``/``.c
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,44 +47,6 @@ from xlearner.stages.stage import NetStage
 
 
 # ----------------------------------------------------------------------------- teacher
-def resolve_teacher_dir(path: str | Path | None, default: Path | None = None) -> Path:
-    """The expansion run folder: ``squeeze.teacher`` (folder or its model.safetensors) or ``default``."""
-    if path is None:
-        if default is not None and (default / "run.json").is_file():
-            return default
-        where = f" (looked for {default})" if default is not None else ""
-        raise ConfigError("squeeze.teacher is not set: give the expansion run folder, e.g. "
-                          f"squeeze.teacher=runs/<name>/expansion{where}")
-    p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
-        p = p.parent
-    if not (p / "run.json").is_file() or not (p / "model.safetensors").is_file():
-        raise ConfigError(f"squeeze.teacher={path}: expected an expansion run folder holding run.json and "
-                          f"model.safetensors (written by `xlearner train CONFIG --stage expansion`)")
-    return p
-
-
-def load_teacher(run_dir: Path) -> tuple[nn.Module, RunConfig, list]:
-    """Rebuild the expansion ExpandedNet from ``run.json`` and load ``model.safetensors`` (strict)."""
-    from safetensors.torch import load_file
-
-    from xlearner.models.nets import SourceSpec
-
-    info = json.loads((run_dir / "run.json").read_text())
-    if info.get("stage") != "expansion":
-        raise ConfigError(f"squeeze.teacher={run_dir} is a '{info.get('stage')}' run; the teacher must be an expansion run")
-    tcfg = RunConfig.model_validate(info["config"])
-    tcfg.backbone = tcfg.backbone.model_copy(update={"weights": None})  # everything comes from the file
-    specs = [SourceSpec(s["name"], s["task"], int(s["num_classes"])) for s in info["sources"]]
-    net = build_expanded_net(tcfg, specs)
-    state = load_file(str(run_dir / "model.safetensors"))
-    net.load_state_dict(state, strict=True)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, tcfg, specs
-
-
 def use_batch_statistics(net: nn.Module) -> None:
     """Let the frozen teacher normalise each batch with its own statistics, as in expansion training.
 
@@ -184,37 +143,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 
 
 # ----------------------------------------------------------------------------- levers
-def resolve_generalist_dir(value: str, default: Path | None = None) -> Path:
-    """``squeeze.generalist``: ``msmt`` (the MSMT baseline beside this run: ``default``) or a run folder."""
-    p = default if value == "msmt" and default is not None else Path(value)
-    if not (p / "run.json").is_file() or not (p / "model.safetensors").is_file():
-        hint = " (in `xlearner run` it is the run's msmt baseline, trained first)" if value == "msmt" else ""
-        raise ConfigError(f"squeeze.generalist={value}: expected a run folder holding run.json and model.safetensors "
-                          f"at {p}{hint}; train one with `xlearner train CONFIG --stage msmt --out {p}`")
-    return p
-
-
-def load_generalist(run_dir: Path) -> nn.Module:
-    """The backbone of a single-backbone run (MSMT, MSST, SSST, squeeze), frozen: a generalist teacher."""
-    from safetensors.torch import load_file
-
-    from xlearner.models.backbone import Backbone
-
-    info = json.loads((run_dir / "run.json").read_text())
-    if info.get("stage") == "expansion":
-        raise ConfigError(f"squeeze.generalist={run_dir} is an expansion run; the generalist is one backbone "
-                          f"trained on every source, e.g. the msmt baseline")
-    gcfg = RunConfig.model_validate(info["config"])
-    backbone = Backbone(gcfg.backbone.model_copy(update={"weights": None}))
-    state = {k[len("backbone."):]: v for k, v in load_file(str(run_dir / "model.safetensors")).items()
-             if k.startswith("backbone.")}
-    backbone.load_state_dict(state, strict=True)
-    backbone.eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    return backbone
-
-
 def batchnorms(*nets: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for net in nets for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -236,6 +164,8 @@ class SqueezeStage(NetStage):
 
     @classmethod
     def build(cls, cfg, specs, run_dir=None):
+        from xlearner.runs import load_generalist, load_teacher, resolve_generalist_dir, resolve_teacher_dir
+
         default = run_dir.parent / "expansion" if run_dir is not None else None
         teacher_dir = resolve_teacher_dir(cfg.squeeze.teacher, default)
         teacher, _, _ = load_teacher(teacher_dir)
