@@ -20,11 +20,11 @@ from xlearner.transfer.features import (finetune_end_to_end, freeze, infinite_in
 
 def build_seg(backbone: nn.Module, num_classes: int, fpn_channels: int, seed: int, head: str = "fpn"):
     """``fpn``: FPN neck + Panoptic-FPN head; ``linear``: a linear dense probe on the raw features."""
-    from xlearner.models.heads import FPNNeck, LinearSegHead, SegHead, _PassFeatures
+    from xlearner.models.heads import FPNNeck, LinearSegHead, SegHead, PassFeatures
 
     torch.manual_seed(seed)
     if head == "linear":
-        return _PassFeatures(), LinearSegHead(list(backbone.channels), num_classes, list(backbone.strides))
+        return PassFeatures(), LinearSegHead(list(backbone.channels), num_classes, list(backbone.strides))
     if head != "fpn":
         raise ValueError(f"seg transfer head must be fpn or linear, got {head!r}")
     neck = FPNNeck(list(backbone.channels), fpn_channels)
