@@ -282,8 +282,8 @@ class TransferConfig(_Strict):
     det_mode: Literal["frozen", "finetune"] = "frozen"
     seg_mode: Literal["frozen", "finetune"] = "frozen"
     steps: int = Field(150, ge=1)
-    """Optimizer steps for det/seg heads and cls fine-tune (frozen and finetune modes: the engine's
-    ``fit``, AdamW, linear warmup then cosine; the fields below up to ``decay_norms_and_biases``)."""
+    """Optimizer steps for det/seg heads and cls fine-tune (frozen and finetune modes run on the
+    engine's ``fit``: AdamW, linear warmup then cosine; the fields from ``lr`` to ``backbone_lr_factor``)."""
     lr: float = 2e-3
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup, applied as ``min(warmup_steps, steps // 10)`` steps (none below 10 steps)."""
