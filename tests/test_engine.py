@@ -237,3 +237,73 @@ def test_count_images_and_bf16_autocast_on_cpu(tmp_path):
         toy.head_a.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
         res = fit(toy, FakeLoader(), cfg(steps=2, amp=amp), tmp_path / amp, count_images=lambda b: 7)
         assert res.images_seen == 14 and dtypes == {want}
+
+
+# ---------------------------------------------------------------------------- options for callers (transfer)
+
+def test_fit_without_run_folder_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = fit(Toy(), FakeLoader(), cfg(steps=4, ckpt_every=1), None, seed=1)
+    assert res.steps == 4 and set(res.last_losses) == {"a", "b", "total"}
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no log, no tb
+    assert capsys.readouterr().out == ""  # no start line either (progress off)
+    with_dir = fit(Toy(), FakeLoader(), cfg(steps=4), tmp_path / "run", seed=1)
+    assert with_dir.last_losses == res.last_losses  # the same training
+    with pytest.raises(ValueError, match="resume needs a run folder"):
+        fit(Toy(), FakeLoader(), cfg(steps=4), None, resume=True)
+    with pytest.raises(NonFiniteLossError, match="none \\(no run folder\\)"):
+        fit(Toy(nan_at_index=1), FakeLoader(), cfg(steps=4), None)
+
+
+def test_build_optimizer_groups():
+    from xlearner.engine.trainer import build_optimizer, lr_scale_of
+
+    toy, dev = Toy(), torch.device("cpu")
+    default = build_optimizer(toy, cfg(weight_decay=0.05), dev)  # the stages' layout is unchanged
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in default.param_groups] == [
+        (3, 0.05, 1e-2), (5, 0.0, 1e-2)]
+    opt = build_optimizer(toy, cfg(weight_decay=0.05), dev, lr_scales={"trunk": 0.1, "trunk.1": 0.5, "nope": 3.0},
+                          decay_1d=True)
+    got = [([id(p) for p in g["params"]], g["weight_decay"], g["lr"]) for g in opt.param_groups]
+    want = [([id(toy.trunk[0].weight), id(toy.trunk[0].bias)], 0.05, 1e-2 * 0.1),
+            ([id(toy.trunk[1].weight), id(toy.trunk[1].bias)], 0.05, 1e-2 * 0.5),
+            ([id(p) for p in [*toy.head_a.parameters(), *toy.head_b.parameters()]], 0.05, 1e-2)]
+    assert got == want
+    assert lr_scale_of("trunkx.weight", {"trunk": 0.1}) == 1.0  # a prefix names whole modules
+    with pytest.raises(ValueError, match=">= 0"):
+        build_optimizer(toy, cfg(), dev, lr_scales={"trunk": -1.0})
+
+
+def test_fit_lr_scales_zero_freezes_a_module(tmp_path):
+    toy = Toy()
+    before = {k: v.clone() for k, v in toy.state_dict().items()}
+    fit(toy, FakeLoader(), cfg(steps=5), None, lr_scales={"head_b": 0.0}, decay_1d=True)
+    after = toy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("head_b."))
+    assert not torch.equal(before["head_a.weight"], after["head_a.weight"])
+
+
+def test_fit_seed_none_goes_on_from_the_callers_rng():
+    """seed=None: the run draws (dropout) from where the caller left the RNG, not a fresh seed."""
+    def run(seed, caller_seed=None):
+        toy = Toy(dropout=0.5)
+        if caller_seed is not None:
+            torch.manual_seed(caller_seed)
+        return fit(toy, FakeLoader(), cfg(steps=3), None, seed=seed).last_losses
+
+    assert run(None, caller_seed=7) == run(7)
+    assert run(None, caller_seed=8) != run(7)
+
+
+def test_fit_not_distributed_joins_no_process_group(monkeypatch):
+    import xlearner.engine.trainer as trainer
+
+    def refuse():
+        raise AssertionError("init_distributed called")
+
+    monkeypatch.setattr(trainer, "init_distributed", refuse)
+    monkeypatch.setattr(trainer, "barrier", refuse)
+    seen = []
+    res = fit(Toy(), FakeLoader(), cfg(steps=2), None, distributed=False,
+              evaluate=lambda m, step: seen.append(type(m)) or {"x": 1.0})
+    assert res.steps == 2 and seen == [Toy]  # the module itself, no DDP wrapper

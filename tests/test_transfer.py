@@ -207,8 +207,10 @@ def test_transfer_seeds_change_head_not_data(tiny):
     assert a["scores"][0] == pytest.approx(a["scores"][1])  # same seed, same result
 
 
-def test_transfer_from_run_folder_and_raw_weights(tiny, tmp_path):
+def test_transfer_from_run_folder_and_raw_weights(tiny, tmp_path, monkeypatch):
     """--backbone may be a `xlearner train` run folder (exported on the fly) or a bare weights file."""
+    import tempfile
+
     from safetensors.torch import load_file, save_file
 
     from xlearner.transfer.suite import transfer_one
@@ -218,7 +220,11 @@ def test_transfer_from_run_folder_and_raw_weights(tiny, tmp_path):
     run.mkdir()
     save_file({f"backbone.{k}": v for k, v in state.items()}, str(run / "model.safetensors"))
     (run / "run.json").write_text(json.dumps({"stage": "msmt", "config": tiny.cfg.to_dict()}))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     a = transfer_one(run, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
+    assert list(scratch.iterdir()) == []  # the on-the-fly export is removed once loaded
     raw = tmp_path / "raw.safetensors"
     save_file(state, str(raw))  # no arch metadata: the config's backbone architecture is used
     b = transfer_one(raw, str(tiny.cls), tiny.cfg, seeds=1, show_progress=False)
@@ -287,3 +293,209 @@ def test_linear_seg_probe_is_affine_in_the_features_and_learns(tiny):
     # predicting background everywhere scores 0.22 on this test split (measured: 0.216); the
     # colour-coded regions are linearly separable even in a random backbone's features (0.47)
     assert res["mean"] > 0.35, res["scores"]
+
+
+# ----------------------------------------------------------------------------- one training loop
+# The transfer loop before it moved onto the engine's fit (transfer/features.py train_loop,
+# cosine_lr, make_optimizer; the det/seg head steps and the cls fine-tune): the reference the
+# engine path must reproduce, step for step, on the CPU.
+def _old_cosine_lr(step, total, warmup, min_ratio=0.01):
+    import math
+
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _old_make_optimizer(groups, weight_decay=1e-4):
+    groups = [g for g in groups if g["params"]]
+    dev = groups[0]["params"][0].device.type if groups else "cpu"
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=dev in ("cuda", "cpu") or None)
+
+
+def _old_train_loop(step_fn, params, opt, steps, clip=5.0):
+    base = [g["lr"] for g in opt.param_groups]
+    warmup = min(20, steps // 10)
+    losses = []
+    for step in range(steps):
+        mult = _old_cosine_lr(step, steps, warmup)
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * mult
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _old_neck_head(task, backbone, num_classes, fpn_channels, size, seed, head_convs):
+    from xlearner.models.heads import DetHead, FPNNeck, SegHead, build_det_neck
+
+    torch.manual_seed(seed)
+    ch, st = list(backbone.channels), list(backbone.strides)
+    if task == "det":
+        neck, strides = build_det_neck(ch, st, fpn_channels, size)
+        return neck, DetHead(fpn_channels, num_classes, strides, num_convs=head_convs)
+    if task == "seg":
+        return FPNNeck(ch, fpn_channels), SegHead(fpn_channels, num_classes, st)
+    return None, torch.nn.Linear(ch[-1], num_classes)
+
+
+def _old_frozen(task, backbone, train_ds, num_classes, *, size, steps, lr, bs, seed, fpn_channels, head_convs,
+                resize):
+    import torch.nn.functional as F
+
+    from xlearner.data.loader import eval_loader
+    from xlearner.transfer.features import freeze, infinite_indices
+
+    neck, head = _old_neck_head(task, backbone, num_classes, fpn_channels, size, seed, head_convs)
+    neck.train(), head.train()
+    freeze(backbone)
+    levels, targets = None, []
+    with torch.no_grad():
+        for b in eval_loader(train_ds, task, size, 32, resize=resize):
+            feats = backbone(b["images"])
+            levels = levels or [[] for _ in feats]
+            for store, f in zip(levels, feats):
+                store.append(f.to(torch.float16))
+            targets.extend(b["targets"] if task == "det" else list(b["masks"]))
+    maps = [torch.cat(s) for s in levels]
+    masks = torch.stack(targets) if task == "seg" else None
+    order = infinite_indices(len(targets), bs, seed)
+
+    def step(_):
+        idx = next(order)
+        feats = [m[idx].to(torch.float32) for m in maps]
+        if task == "det":
+            return sum(head.losses(neck(feats), (size, size), [targets[int(i)] for i in idx]).values())
+        return F.cross_entropy(head(neck(feats), (size, size)), masks[idx], ignore_index=255)
+
+    params = list(neck.parameters()) + list(head.parameters())
+    losses = _old_train_loop(step, params, _old_make_optimizer([{"params": params, "lr": lr}]), steps)
+    return losses, neck, head
+
+
+def _old_finetune(task, backbone, train_ds, num_classes, *, size, steps, lr, bs, seed, fpn_channels, head_convs,
+                  resize, augment):
+    from xlearner.data.loader import MultiSourceLoader
+    from xlearner.data.transforms import build_transform
+
+    neck, head = _old_neck_head(task, backbone, num_classes, fpn_channels, size, seed, head_convs)
+    for p in backbone.parameters():
+        p.requires_grad_(True)
+    backbone.train()
+    tf = (build_transform("cls", size, train=True, augment=augment) if task == "cls"
+          else build_transform(task, size, train=True, augment=augment, resize=resize))
+    loader = MultiSourceLoader({"ds": train_ds}, {"ds": bs}, {"ds": tf}, {"ds": task}, seed=seed)
+
+    def step(_):
+        b = next(loader)["ds"]
+        if task == "cls":
+            return torch.nn.CrossEntropyLoss()(head(backbone(b["images"])[-1].mean(dim=(2, 3))), b["labels"])
+        return sum(head.losses(neck(backbone(b["images"])), (size, size), (b["boxes"], b["labels"])).values())
+
+    hp = (list(neck.parameters()) if neck is not None else []) + list(head.parameters())
+    opt = _old_make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
+    try:
+        losses = _old_train_loop(step, list(backbone.parameters()) + hp, opt, steps)
+    finally:
+        loader.close()
+    return losses, neck, head
+
+
+def test_engine_schedule_is_the_old_transfer_schedule():
+    from xlearner.config import TransferConfig
+    from xlearner.engine import lr_factor
+    from xlearner.transfer.train import train_config
+
+    for steps in (1, 5, 9, 10, 11, 20, 150, 199, 200, 201, 400):
+        warmup = train_config(TransferConfig(steps=steps), show_progress=False).warmup_steps
+        assert warmup == min(20, steps // 10)
+        assert [lr_factor(s, warmup, steps, 0.01) for s in range(steps)] == \
+               [_old_cosine_lr(s, steps, warmup) for s in range(steps)]
+
+
+@pytest.mark.parametrize("which,mode,steps", [("det", "frozen", 12), ("seg", "frozen", 6),
+                                              ("cls", "finetune", 20), ("det", "finetune", 10)])
+def test_transfer_on_the_engine_matches_the_old_loop(tiny, monkeypatch, which, mode, steps):
+    """Same head init, data order, lr per step (warmup 0, 1 and 2 steps), clipping and AdamW
+    (decay on every parameter, backbone at lr/10): losses and weights equal to the old loop's."""
+    from xlearner import tasks
+    from xlearner.data.sources import build_source
+    from xlearner.models.backbone import Backbone
+    from xlearner.transfer import train as train_mod
+    from xlearner.transfer.suite import resolve_source
+
+    src = resolve_source(str(getattr(tiny, which)))
+    train_ds, test_ds = build_source(src, "train"), build_source(src, "test")
+    k = int(getattr(train_ds, "num_classes", None) or len(train_ds.class_names))
+    tc = tiny.cfg.transfer.model_copy(update={"steps": steps, "det_head_convs": 2})
+    augment = tiny.cfg.augment.of(which)
+    # stochastic depth in the fine-tuned backbone: the run must draw from where the head init left the RNG
+    bcfg = TINY.model_copy(update={"kwargs": {**TINY.kwargs, "drop_path_rate": 0.2}})
+
+    def backbone():
+        torch.manual_seed(0)
+        return Backbone(bcfg)
+
+    args = dict(size=32, steps=steps, lr=tc.lr, bs=tc.batch_size, seed=3, fpn_channels=32, head_convs=2,
+                resize=src.resize_mode)
+    old_bb = backbone()
+    if mode == "frozen":
+        old_losses, old_neck, old_head = _old_frozen(which, old_bb, train_ds, k, **args)
+    else:
+        old_losses, old_neck, old_head = _old_finetune(which, old_bb, train_ds, k, augment=augment, **args)
+
+    seen = {}
+    real_fit = train_mod.fit
+
+    def recording_fit(module, loader, cfg, out_dir, **kw):
+        losses = []
+        hook = module.register_forward_hook(lambda m, i, out: losses.append(float(out["loss"].detach())))
+        try:
+            return real_fit(module, loader, cfg, out_dir, **kw)
+        finally:
+            hook.remove()
+            seen.update(net=module, losses=losses)
+
+    monkeypatch.setattr(train_mod, "fit", recording_fit)
+    new_bb = backbone()
+    res = train_mod.transfer_trained(tasks.get(which), new_bb, train_ds, test_ds, k, tc, mode=mode, seed=3,
+                                     fpn_channels=32, size=32, augment=augment, show_progress=False,
+                                     resize=src.resize_mode, original=src.scored_as_published)
+    assert len(seen["losses"]) == steps and res["final_loss"] == seen["losses"][-1]
+    torch.testing.assert_close(torch.tensor(seen["losses"]), torch.tensor(old_losses), atol=1e-6, rtol=0)
+    net = seen["net"]
+    pairs = [(old_head.state_dict(), net.head.state_dict() if which != "cls" else net.head.fc.state_dict())]
+    if old_neck is not None:
+        pairs.append((old_neck.state_dict(), net.neck.state_dict()))
+    pairs.append((old_bb.state_dict(), new_bb.state_dict()))  # BN running statistics included
+    for old, new in pairs:
+        assert list(old) == list(new)
+        for key in old:
+            torch.testing.assert_close(new[key], old[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_one_image_eval_batch_runs_as_two_copies():
+    """GroupNorm refuses one image on the det neck's 1x1 level: a lone image runs as two copies."""
+    from xlearner import tasks
+    from xlearner.models.backbone import Backbone
+    from xlearner.tasks import HeadOptions
+    from xlearner.transfer.train import TransferNet
+
+    torch.manual_seed(0)
+    bb = Backbone(TINY).eval()
+    task = tasks.get("det")
+    opts = HeadOptions(fpn_channels=32, det_head_convs=1, image_sizes={"det": 512})  # P5..P7: 1x1 on 32 px
+    neck = task.build_neck(list(bb.channels), list(bb.strides), opts)
+    net = TransferNet(task, bb, neck, task.build_head(neck, 3, list(bb.channels), list(bb.strides), opts)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        task.predict(net.head, net.neck(bb(x)), x)
+    one = net.predict({"images": x})
+    two = net.predict({"images": torch.cat([x, x])})
+    assert len(one) == 1 and all(torch.equal(one[0][k], two[0][k]) for k in one[0])

@@ -284,8 +284,22 @@ class TransferConfig(_Strict):
     det_mode: Literal["frozen", "finetune"] = "frozen"
     seg_mode: Literal["frozen", "finetune"] = "frozen"
     steps: int = Field(150, ge=1)
-    """Optimizer steps for det/seg heads and cls fine-tune."""
+    """Optimizer steps for det/seg heads and cls fine-tune (frozen and finetune modes run on the
+    engine's ``fit``: AdamW, linear warmup then cosine; the fields from ``lr`` to ``backbone_lr_factor``)."""
     lr: float = 2e-3
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup, applied as ``min(warmup_steps, steps // 10)`` steps (none below 10 steps)."""
+    min_lr_ratio: float = Field(0.01, ge=0, le=1)
+    """The cosine ends at ``lr * min_lr_ratio``."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """AdamW's (decoupled) weight decay."""
+    decay_norms_and_biases: bool = True
+    """Weight decay on 1-D parameters too (norm layers, biases), as transfer always did; the
+    upstream stages exempt them."""
+    clip_grad: float | None = Field(5.0, gt=0)
+    """Gradient-norm clipping over the trained parameters (None: no clipping)."""
+    backbone_lr_factor: float = Field(0.1, ge=0)
+    """``finetune``: the backbone trains at ``lr * backbone_lr_factor`` (the neck and head at ``lr``)."""
     batch_size: int = 16
     image_size: int = 64
     max_train_samples: int | None = 2000

@@ -16,6 +16,7 @@ a step at or after a non-finite loss, and the error names the first bad step.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -32,7 +33,7 @@ from . import checkpoint as ckpt
 from .distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
 from .logging import RunLogger
 
-__all__ = ["FitResult", "NonFiniteLossError", "fit", "lr_factor", "build_optimizer",
+__all__ = ["FitResult", "NonFiniteLossError", "fit", "lr_factor", "lr_scale_of", "build_optimizer",
            "build_scheduler", "default_count_images", "move_to_device"]
 
 
@@ -75,16 +76,47 @@ def lr_factor(index: int, warmup_steps: int, steps: int, min_lr_ratio: float) ->
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD over trainable params; no weight decay on 1-D params (norms, biases)."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    if not decay and not no_decay:
+def lr_scale_of(name: str, lr_scales: dict[str, float] | None) -> float:
+    """The lr factor of parameter ``name``: that of the longest prefix of ``lr_scales`` naming it or
+    one of its parent modules (``"backbone"`` covers ``backbone.conv1.weight``), else 1."""
+    best, scale = -1, 1.0
+    for prefix, factor in (lr_scales or {}).items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, scale = len(prefix), float(factor)
+    return scale
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig, device: torch.device, *,
+                    lr_scales: dict[str, float] | None = None, decay_1d: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over trainable params; no weight decay on 1-D params (norms, biases) unless ``decay_1d``.
+
+    ``lr_scales``: module-name prefix -> factor; those parameters train at ``cfg.lr * factor``
+    (:func:`lr_scale_of`; a prefix naming no parameter is ignored). Groups: per factor (in the
+    order the parameters come), the decayed parameters, then the others; without factors that is
+    ``[decay, no_decay]``, the layout of the checkpoints written before these options existed.
+    """
+    for prefix, factor in (lr_scales or {}).items():
+        if not factor >= 0:
+            raise ValueError(f"lr_scales[{prefix!r}] = {factor}: a factor must be >= 0")
+    scales: list[float] = []
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = lr_scale_of(name, lr_scales)
+        if scale not in scales:
+            scales.append(scale)
+        buckets.setdefault((scale, decay_1d or p.ndim > 1), []).append(p)
+    if not buckets:
         raise ValueError("the module has no trainable parameters (all have requires_grad=False)")
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = []
+    for scale in scales:
+        for decays in (True, False):
+            if (scale, decays) in buckets:
+                group = {"params": buckets[scale, decays], "weight_decay": cfg.weight_decay if decays else 0.0}
+                if scale != 1.0:
+                    group["lr"] = cfg.lr * scale
+                groups.append(group)
     if cfg.optimizer == "adamw":
         # fused: one kernel for all parameters, on CUDA and on the CPU (4x faster step there than the loop)
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu") or None)
@@ -147,16 +179,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _ConsoleLog:
+    """The logger of a fit without a run folder (``out_dir=None``): no files; a transient
+    progress bar (``cfg.progress``) showing the loss, and validation lines on the console.
+    Same methods as :class:`RunLogger`."""
+
+    def __init__(self, *, enabled: bool, progress: bool, total_steps: int) -> None:
+        self.enabled = enabled
+        self.bar = None
+        if enabled and progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True, mininterval=1.0,
+                            file=sys.stderr)
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log_train(self, step: int, record: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('total', float('nan')):.4g}", refresh=False)
+
+    def log_val(self, step: int, metrics: dict[str, float]) -> None:
+        self.info(f"step {step} val: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in metrics.items() if not isinstance(v, dict)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 # ---------------------------------------------------------------------------- fit
 
-def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
+def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
         loss_weights: dict[str, float] | None = None,
         evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         count_images: Callable[[dict], int] | None = None,
-        resume: bool = False, seed: int = 0,
+        resume: bool = False, seed: int | None = 0,
         device: torch.device | None = None,
         extra_state: dict | None = None,
-        on_nonfinite: str = "error") -> FitResult:
+        on_nonfinite: str = "error",
+        lr_scales: dict[str, float] | None = None,
+        decay_1d: bool = False,
+        distributed: bool = True) -> FitResult:
     """Train ``module`` for ``cfg.steps`` optimizer steps on batches drawn from ``loader``.
 
     ``module(batch) -> {name: scalar loss}``; the step's objective is
@@ -168,12 +243,25 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
     and the step, without checkpointing that step; ``"skip"`` drops the update of a step
     whose total loss is non-finite (checked every step, one host sync per step), counts
     it in the log (``skipped``) and goes on.
+
+    ``out_dir=None``: a fit that is one step of something bigger (transfer): no checkpoint, no
+    log files, no start line; a transient progress bar (``cfg.progress``) and validation lines
+    only; ``resume`` needs a run folder. ``seed=None`` leaves the RNGs as the caller set them
+    (a caller that seeded, then built its module and data, and wants the run to go on from
+    there); an int seeds python, numpy and torch with ``seed + rank``. ``lr_scales`` and
+    ``decay_1d``: see :func:`build_optimizer`. ``distributed=False``: this process trains alone
+    even under torchrun (no process group joined, no DDP, no collectives).
     """
     if on_nonfinite not in ("error", "skip"):
         raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
+    if resume and out_dir is None:
+        raise ValueError("resume needs a run folder (out_dir)")
     t_call = time.perf_counter()
-    out_dir = Path(out_dir)
-    rank, world, local_rank = init_distributed()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if distributed:
+        rank, world, local_rank = init_distributed()
+    else:
+        rank, world, local_rank = 0, 1, torch.cuda.current_device() if torch.cuda.is_available() else 0
     main = rank == 0
     if device is None:
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -183,19 +271,20 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
     amp_dtype = _autocast_dtype(cfg.amp, device)
     weights = dict(loss_weights or {})
     count = count_images or default_count_images
-    ckpt_path = ckpt.checkpoint_path(out_dir)
+    ckpt_path = ckpt.checkpoint_path(out_dir) if out_dir is not None else None
 
-    ckpt.seed_everything(seed + rank)
+    if seed is not None:
+        ckpt.seed_everything(seed + rank)
     module.to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(module, cfg, device)
+    optimizer = build_optimizer(module, cfg, device, lr_scales=lr_scales, decay_1d=decay_1d)
     scheduler = build_scheduler(optimizer, cfg)
 
     # a run killed while writing leaves temporary files; only rank 0 writes into out_dir
-    stale = ckpt.remove_stale_temp_files(out_dir) if main else []
+    stale = ckpt.remove_stale_temp_files(out_dir) if main and out_dir is not None else []
     start_step, images_seen, resumed_msg = 0, 0, None
     if resume:
         if ckpt_path.is_file():
@@ -222,11 +311,14 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
     if cfg.compile:
         model = torch.compile(model)
 
-    log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
-                    start_step=start_step, resumed=start_step > 0)
-    n_params = sum(p.numel() for p in params)
-    log.info(f"xlearner fit: device={device} world_size={world} trainable_params={n_params:,} "
-             f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")
+    if out_dir is None:
+        log = _ConsoleLog(enabled=main, progress=cfg.progress, total_steps=cfg.steps)
+    else:
+        log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
+                        start_step=start_step, resumed=start_step > 0)
+        n_params = sum(p.numel() for p in params)
+        log.info(f"xlearner fit: device={device} world_size={world} trainable_params={n_params:,} "
+                 f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")
     if resumed_msg:
         log.info(resumed_msg)
     if stale:
@@ -265,7 +357,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
                     bad = [n for n, v in zip(names, losses) if not math.isfinite(v)]
                     what = (", ".join(f"'{n}'={v}" for n, v in zip(names, losses) if n in bad)
                             or (f"total={total}" if not math.isfinite(total) else f"grad_norm={gn}"))
-                    good = ckpt_path if ckpt_path.is_file() else "none written yet"
+                    good = (ckpt_path if ckpt_path is not None and ckpt_path.is_file()
+                            else "none written yet" if ckpt_path is not None else "none (no run folder)")
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}: {what} "
                         f"(loss names: {bad or ['total' if not math.isfinite(total) else 'grad_norm']}); "
@@ -304,7 +397,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
         win.update(sum=None, n=0, images=0, skipped=0, t0=now)
 
     def save(step: int) -> None:
-        rng = all_gather_object(ckpt.get_rng_state())  # collective: every rank calls it
+        # collective: every rank calls it (a lone process keeps to itself)
+        rng = all_gather_object(ckpt.get_rng_state()) if distributed else [ckpt.get_rng_state()]
         if main:
             ckpt.atomic_save({
                 "step": step,
@@ -330,7 +424,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
                 ckpt.set_rng_state(rng)
                 module.train()
             log.log_val(step, metrics)
-        barrier()
+        if distributed:
+            barrier()
         eval_s += time.perf_counter() - t
 
     step = start_step
@@ -373,7 +468,7 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path, *,
                 timed_t0, timed_images0 = time.perf_counter(), call_images
             is_last = step == cfg.steps
             due_log = step % cfg.log_every == 0 or is_last
-            due_ckpt = step % cfg.ckpt_every == 0 or is_last
+            due_ckpt = out_dir is not None and (step % cfg.ckpt_every == 0 or is_last)
             due_val = evaluate is not None and (is_last or (cfg.val_every > 0 and step % cfg.val_every == 0))
             if due_log or due_ckpt or due_val:
                 flush()

@@ -1,16 +1,17 @@
-"""Frozen feature extraction and the small training loop shared by the det/seg transfers.
+"""Frozen features and the data helpers of transfer (training itself is the engine's ``fit``).
 
 - ``extract_pooled``: eval mode, no_grad, global-average-pooled last-stage features over an
   ``eval_loader`` -> (N, C) float32 numpy + labels (the linear probe's input).
-- ``precompute_maps``: every backbone feature map of every image, once (frozen transfer
-  without augmentation: the backbone never runs again during head training), stored fp16.
-- ``subset``: a deterministic subset of at most ``n`` records (``max_train_samples``).
-- ``cosine_lr`` / ``make_optimizer``: AdamW with linear warmup + cosine decay.
+- ``precompute_maps`` / ``take_cached``: every backbone feature map of every image, once (frozen
+  transfer without augmentation: the backbone never runs again during head training), stored
+  fp16, with the batches' other entries per image.
+- ``adapt_batchnorm``: AdaBN on the downstream training images; ``freeze``.
+- ``subset``: a deterministic subset of at most ``n`` records (``max_train_samples``);
+  ``infinite_indices``: the seeded batch order of frozen training.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -94,18 +95,22 @@ def extract_pooled(backbone: nn.Module, dataset: Dataset, size: int, batch_size:
 @torch.no_grad()
 def precompute_maps(backbone: nn.Module, dataset: Dataset, task: str, size: int, batch_size: int = 32,
                     show_progress: bool = True, desc: str = "features", resize: str = "square",
-                    original: bool = False) -> tuple[list[Tensor], list[Any], list[dict] | None]:
-    """All backbone feature maps of ``dataset`` under the eval transform: ``[(N, C_l, h_l, w_l) fp16]``,
-    the per-image targets (det: dict of boxes/labels; seg: (H, W) int64 mask) and, with
-    ``original``, the per-image ``meta`` for scoring at the original size (else None)."""
+                    original: bool = False) -> dict[str, Any]:
+    """Every backbone feature map of ``dataset`` under the eval transform, once (frozen transfer:
+    the backbone never runs again), and what the task's batches carry besides the images.
+
+    Returns ``{"maps": [(N, C_l, h_l, w_l) fp16 on the CPU], "entries": {key: per image}}``: every
+    non-image entry of the eval batches (the task's collate: labels, masks, det targets; ``meta``
+    with ``original``), a tensor concatenated along its first dimension, a list extended; and
+    ``images`` as a zero-channel (N, 0, H, W) stand-in that keeps the images' size.
+    ``take_cached(entries, index)`` rebuilds a batch."""
     from xlearner.data.loader import eval_loader
 
     was_training = backbone.training
     backbone.eval()
     dev = _device_of(backbone)
     levels: list[list[Tensor]] | None = None
-    targets: list[Any] = []
-    metas: list[dict] | None = [] if original else None
+    parts: dict[str, list] = {}
     loader = eval_loader(dataset, task, size, batch_size, resize=resize, original=original)
     for batch in progress(loader, total=len(loader), desc=desc, enable=show_progress):
         feats = backbone(batch["images"].to(dev))
@@ -113,90 +118,30 @@ def precompute_maps(backbone: nn.Module, dataset: Dataset, task: str, size: int,
             levels = [[] for _ in feats]
         for store, f in zip(levels, feats):
             store.append(f.to(torch.float16).cpu())
-        if task == "det":
-            targets.extend(batch["targets"])
-        else:
-            targets.extend(list(batch["masks"]))
-        if metas is not None:
-            metas.extend(batch["meta"])
+        x = batch["images"]
+        batch = {**batch, "images": x.new_empty((x.shape[0], 0, *x.shape[2:]))}  # a view would keep x
+        for key, value in batch.items():
+            if isinstance(value, Tensor):
+                parts.setdefault(key, []).append(value)
+            else:
+                parts.setdefault(key, []).extend(value)
     backbone.train(was_training)
-    return [torch.cat(s) for s in (levels or [])], targets, metas
+    entries = {k: torch.cat(v) if v and isinstance(v[0], Tensor) else v for k, v in parts.items()}
+    entries.setdefault("images", torch.zeros(0, 0, size, size))
+    return {"maps": [torch.cat(s) for s in (levels or [])], "entries": entries}
 
 
-def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.01) -> float:
-    """Multiplier of the base lr: linear warmup then cosine to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimizer(groups: list[dict], weight_decay: float = 1e-4) -> torch.optim.Optimizer:
-    groups = [g for g in groups if g["params"]]
-    dev = groups[0]["params"][0].device.type if groups else "cpu"
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=dev in ("cuda", "cpu") or None)
-
-
-def train_loop(step_fn: Callable[[int], Tensor], params: list[nn.Parameter], opt: torch.optim.Optimizer,
-               steps: int, clip: float | None = 5.0, show_progress: bool = True, desc: str = "train") -> list[float]:
-    """Run ``steps`` optimizer steps of ``step_fn(step) -> loss`` with warmup + cosine; returns the losses."""
-    base = [g["lr"] for g in opt.param_groups]
-    warmup = min(20, steps // 10)
-    losses = []
-    bar = progress(range(steps), total=steps, desc=desc, enable=show_progress)
-    for step in bar:
-        mult = cosine_lr(step, steps, warmup)
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * mult
-        loss = step_fn(step)
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}")
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if show_progress and hasattr(bar, "set_postfix") and step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
+def take_cached(entries: dict[str, Any], index: Tensor | slice) -> dict[str, Any]:
+    """The batch of images ``index`` (a slice or a 1-D index tensor) of ``precompute_maps``'s entries."""
+    if isinstance(index, slice):
+        return {k: v[index] for k, v in entries.items()}
+    return {k: v[index] if isinstance(v, Tensor) else [v[int(i)] for i in index] for k, v in entries.items()}
 
 
 def freeze(backbone: nn.Module) -> None:
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-
-
-def train_head(step_fn: Callable[[int], Tensor], neck: nn.Module, head: nn.Module, *, lr: float, steps: int,
-               show_progress: bool = True, desc: str = "head") -> list[float]:
-    """Frozen mode: only the neck and head learn."""
-    params = list(neck.parameters()) + list(head.parameters())
-    opt = make_optimizer([{"params": params, "lr": lr}])
-    return train_loop(step_fn, params, opt, steps, show_progress=show_progress, desc=desc)
-
-
-def finetune_end_to_end(batch_loss: Callable[[dict], Tensor], backbone: nn.Module, neck: nn.Module,
-                        head: nn.Module, train_ds, task: str, *, size: int, batch_size: int, seed: int,
-                        lr: float, steps: int, augment=None, show_progress: bool = True,
-                        desc: str = "finetune", resize: str = "square") -> list[float]:
-    """Fine-tune mode: backbone (lr/10) + neck + head on augmented batches; ``batch_loss(batch)``."""
-    from xlearner.data.loader import MultiSourceLoader
-    from xlearner.data.transforms import build_transform
-
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    backbone.train()
-    loader = MultiSourceLoader({"ds": train_ds}, {"ds": batch_size},
-                               {"ds": build_transform(task, size, train=True, augment=augment, resize=resize)},
-                               {"ds": task}, seed=seed)
-    hp = list(neck.parameters()) + list(head.parameters())
-    opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1}, {"params": hp, "lr": lr}])
-    try:
-        return train_loop(lambda _: batch_loss(next(loader)["ds"]), list(backbone.parameters()) + hp, opt,
-                          steps, show_progress=show_progress, desc=desc)
-    finally:
-        loader.close()
 
 
 def infinite_indices(n: int, batch_size: int, seed: int):

@@ -1,9 +1,9 @@
-"""Classification transfer.
+"""Classification transfer, ``linear`` mode: the linear probe.
 
-``linear``: L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on
-standardised, frozen, pooled last-stage features. C is chosen among ``probe_C`` by top-1 on
-the val split (model fit on train); the chosen C is refit on train + val; the test split is
-scored once. ``finetune``: the backbone plus a linear head trained end to end with AdamW.
+L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on standardised, frozen,
+pooled last-stage features. C is chosen among ``probe_C`` by top-1 on the val split (model fit
+on train); the chosen C is refit on train + val; the test split is scored once. (``finetune``:
+the cls task's neck + head trained end to end, ``transfer.train``.)
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from xlearner.metrics import top1
 
@@ -55,41 +53,3 @@ def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarra
     clf = _fit(xall, yall, best, seed)
     return {"top1": top1(clf.predict(xte), yte), "C": best,
             "val_top1": {str(c): a for c, a in val_acc.items()}}
-
-
-def finetune(backbone: nn.Module, train_ds, test_ds, num_classes: int, *, size: int, steps: int, lr: float,
-             batch_size: int, seed: int, augment=None, show_progress: bool = True) -> dict[str, Any]:
-    """Backbone + linear head, AdamW (backbone at lr/10), warmup + cosine; test top-1."""
-    from xlearner.data.loader import MultiSourceLoader, eval_loader
-    from xlearner.data.transforms import build_transform
-    from xlearner.transfer.features import make_optimizer, progress, train_loop
-
-    dev = next(backbone.parameters()).device
-    torch.manual_seed(seed)
-    head = nn.Linear(backbone.channels[-1], num_classes).to(dev)
-    for p in backbone.parameters():
-        p.requires_grad_(True)
-    backbone.train()
-    loader = MultiSourceLoader({"ds": train_ds}, {"ds": min(batch_size, len(train_ds))},
-                               {"ds": build_transform("cls", size, train=True, augment=augment)},
-                               {"ds": "cls"}, seed=seed)
-    opt = make_optimizer([{"params": list(backbone.parameters()), "lr": lr * 0.1},
-                          {"params": list(head.parameters()), "lr": lr}], weight_decay=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(_):
-        b = next(loader)["ds"]
-        logits = head(backbone(b["images"].to(dev))[-1].mean(dim=(2, 3)))
-        return loss_fn(logits, b["labels"].to(dev))
-
-    losses = train_loop(step, list(backbone.parameters()) + list(head.parameters()), opt, steps,
-                        show_progress=show_progress, desc="cls finetune")
-    loader.close()
-    backbone.eval()
-    preds, labels = [], []
-    with torch.no_grad():
-        ev = eval_loader(test_ds, "cls", size, batch_size)
-        for b in progress(ev, total=len(ev), desc="test", enable=show_progress):
-            preds.append(head(backbone(b["images"].to(dev))[-1].mean(dim=(2, 3))).argmax(1).cpu())
-            labels.append(b["labels"])
-    return {"top1": top1(torch.cat(preds), torch.cat(labels)), "final_loss": losses[-1] if losses else None}

@@ -22,11 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xlearner import tasks
 from xlearner.config import BackboneConfig, ConfigError, RunConfig, SourceConfig
-
-METRIC = {"cls": "top1", "det": "mAP", "seg": "mIoU"}
-DEFAULT_MODE = {"cls": "cls_mode", "det": "det_mode", "seg": "seg_mode"}
-VALID_MODES = {"cls": ("linear", "finetune"), "det": ("frozen", "finetune"), "seg": ("frozen", "finetune")}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -63,9 +60,10 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
     if path.is_dir():
         if export is None or not hasattr(export, "export_run"):
             raise ConfigError(f"backbone {path} is a folder: export it first with `xlearner export {path} --out FILE`")
-        tmp = Path(tempfile.mkdtemp()) / "backbone.safetensors"
-        export.export_run(path, tmp, format=None)  # timm, or torchvision for tv:mobilenet_v2
-        path = tmp
+        with tempfile.TemporaryDirectory(prefix="xlearner-export-") as tmp:
+            exported = Path(tmp) / "backbone.safetensors"
+            export.export_run(path, exported, format=None)  # timm, or torchvision for tv:mobilenet_v2
+            return load_any_backbone(exported, cfg)  # read into memory before the folder goes
     from xlearner.models.backbone import WEIGHTS_SUFFIXES, Backbone, WeightsError
 
     if path.suffix not in WEIGHTS_SUFFIXES:
@@ -121,10 +119,11 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     t0 = time.time()
     tc = cfg.transfer
     src = resolve_source(source)
-    task = src.task
-    mode = mode or getattr(tc, DEFAULT_MODE[task])
-    if mode not in VALID_MODES[task]:
-        raise ConfigError(f"transfer mode {mode!r} does not apply to a {task} dataset; use one of {VALID_MODES[task]}")
+    task = tasks.get(src.task)
+    mode = mode or getattr(tc, f"{task.name}_mode", task.transfer_modes[0])
+    if mode not in task.transfer_modes:
+        raise ConfigError(f"transfer mode {mode!r} does not apply to a {task.name} dataset; "
+                          f"use one of {task.transfer_modes}")
     if seeds is None:
         seeds = tc.seeds
     seed_list = list(seeds) if isinstance(seeds, (list, tuple)) else [cfg.seed + i for i in range(int(seeds))]
@@ -140,11 +139,12 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     train = subset(build_source(src, "train"), tc.max_train_samples, seed=src.split_seed)
     test = build_source(src, tc.eval_split)  # "val" only while tuning: test is touched once
     num_classes = int(getattr(train, "num_classes", None) or len(train.class_names))
-    augment = cfg.augment.of(task)
+    augment = cfg.augment.of(task.name)
     if tc.adapt_bn and mode in ("linear", "frozen"):
         from xlearner.transfer.features import adapt_batchnorm
 
-        adapt_batchnorm(backbone, train, task, size, max(tc.batch_size, 64), show_progress, resize=src.resize_mode)
+        adapt_batchnorm(backbone, train, task.name, size, max(tc.batch_size, 64), show_progress,
+                        resize=src.resize_mode)
 
     scores: list[float] = []
     extra: dict[str, list] = {}
@@ -152,7 +152,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
     def add(key: str, value: Any) -> None:
         extra.setdefault(key, []).append(value)
 
-    if task == "cls" and mode == "linear":
+    if mode == "linear":  # the linear probe on pooled features (cls)
         from xlearner.transfer.linear_probe import probe
 
         val = build_source(src, "val")
@@ -167,45 +167,28 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
             scores.append(r["top1"])
             add("C", r["C"])
             add("val_top1", r["val_top1"])
-    else:
-        common = dict(size=size, steps=tc.steps, lr=tc.lr, batch_size=tc.batch_size, augment=augment,
-                      show_progress=show_progress)
-        geometry = dict(resize=src.resize_mode, original=src.scored_as_published)
+    else:  # frozen | finetune: the task's neck + head trained by the engine
+        from xlearner.transfer.train import transfer_trained
+
         cache: dict = {}
         pristine = copy.deepcopy(backbone.state_dict()) if mode == "finetune" else None
         for s in seed_list:
             if pristine is not None:
                 backbone.load_state_dict(pristine)
-            if task == "cls":
-                from xlearner.transfer.linear_probe import finetune
-
-                r = finetune(backbone, train, test, num_classes, seed=s, **common)
-                scores.append(r["top1"])
-            elif task == "det":
-                from xlearner.transfer.detection import transfer_det
-
-                r = transfer_det(backbone, train, test, num_classes, seed=s, mode=mode,
-                                 fpn_channels=cfg.fpn_channels, cache=cache, head_convs=tc.det_head_convs,
-                                 **common, **geometry)
-                scores.append(r["mAP"])
-                for key in ("AP50", "AP75", "APs", "APm", "APl"):
-                    if key in r:
-                        add(key, r[key])
-            else:
-                from xlearner.transfer.segmentation import transfer_seg
-
-                r = transfer_seg(backbone, train, test, num_classes, seed=s, mode=mode,
-                                 fpn_channels=cfg.fpn_channels, cache=cache, head=tc.seg_head, **common, **geometry)
-                scores.append(r["mIoU"])
-                add("pixel_acc", r["pixel_acc"])
-                if "per_class_iou" in r:
-                    add("per_class_iou", r["per_class_iou"])
+            r = transfer_trained(task, backbone, train, test, num_classes, tc, mode=mode, seed=s,
+                                 fpn_channels=cfg.fpn_channels, size=size, augment=augment, cache=cache,
+                                 show_progress=show_progress, resize=src.resize_mode,
+                                 original=src.scored_as_published)
+            scores.append(r[task.metric])
+            for key, value in r.items():  # det AP50 (AP75, APs, APm, APl); seg pixel_acc (per_class_iou)
+                if key not in (task.metric, "final_loss"):
+                    add(key, value)
             add("final_loss", r.get("final_loss"))
         if pristine is not None:
             backbone.load_state_dict(pristine)  # a module passed in is left as it came
     mean, std = _mean_std(scores)
     return {
-        "dataset": src.name, "task": task, "metric": METRIC[task], "mode": mode,
+        "dataset": src.name, "task": task.name, "metric": task.metric, "mode": mode,
         "seeds": seed_list, "scores": scores, "mean": mean, "std": std, "extra": extra,
         "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
         "backbone_params": n_params, "num_train": len(train), "num_test": len(test),
