@@ -96,12 +96,3 @@ def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
         raise WeightsError(f"{path}: its tensors do not fit the {cfg.name} backbone its metadata names "
                            f"({str(exc).splitlines()[0]} ...); export it again with `xlearner export`") from None
     return cfg, backbone
-
-
-def __getattr__(name: str):
-    # pipeline.py and transfer/suite.py still import export_run from here; it moved to xlearner.runs
-    if name == "export_run":
-        from xlearner.runs import export_run
-
-        return export_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

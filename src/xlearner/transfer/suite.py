@@ -10,9 +10,7 @@ probe they draw the 80% of the training features it is fitted on. The train subs
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import nn
 
 from xlearner import tasks
 from xlearner.config import BackboneConfig, ConfigError, RunConfig, SourceConfig
+from xlearner.files import write_json_atomic
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -45,31 +44,28 @@ def resolve_source(source: str | Path | SourceConfig) -> SourceConfig:
 
 
 def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None) -> tuple[BackboneConfig | None, nn.Module]:
-    """A Backbone module, an exported .safetensors (``models.export.load_backbone``), or a run folder
-    (its product is exported on the fly). Without the export module, a weights file is loaded
-    into ``cfg.backbone``'s architecture."""
+    """A Backbone module, an exported .safetensors (``models.export.load_backbone``), a run folder
+    (its product is exported on the fly), or a raw weights file loaded into ``cfg.backbone``'s architecture."""
     if isinstance(path, nn.Module):
         return getattr(path, "cfg", None), path
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"backbone {path} does not exist (expected a .safetensors from `xlearner export` or a run folder)")
-    try:
-        from xlearner.models import export
-    except ImportError:
-        export = None
+    from xlearner.models.export import load_backbone
+
     if path.is_dir():
-        if export is None or not hasattr(export, "export_run"):
-            raise ConfigError(f"backbone {path} is a folder: export it first with `xlearner export {path} --out FILE`")
+        from xlearner.runs import export_run
+
         with tempfile.TemporaryDirectory(prefix="xlearner-export-") as tmp:
             exported = Path(tmp) / "backbone.safetensors"
-            export.export_run(path, exported, format=None)  # timm, or torchvision for tv:mobilenet_v2
+            export_run(path, exported, format=None)  # timm, or torchvision for tv:mobilenet_v2
             return load_any_backbone(exported, cfg)  # read into memory before the folder goes
     from xlearner.models.backbone import WEIGHTS_SUFFIXES, Backbone, WeightsError
 
     if path.suffix not in WEIGHTS_SUFFIXES:
         raise WeightsError(f"backbone {path}: expected a run folder or a weights file ({', '.join(WEIGHTS_SUFFIXES)}: "
                            f".safetensors from `xlearner export`, or a state_dict saved with torch.save)")
-    if export is not None and hasattr(export, "load_backbone") and path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
@@ -79,21 +75,12 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
             raise WeightsError(f"{path}: not a readable .safetensors file ({exc}); if it was written by "
                                f"torch.save, rename it to .pth") from None
         if has_arch or cfg is None:
-            return export.load_backbone(path)
+            return load_backbone(path)
 
     if cfg is None:
         raise ConfigError("loading a raw weights file needs a config naming the backbone architecture")
     bcfg = cfg.backbone.model_copy(update={"weights": path})
     return bcfg, Backbone(bcfg)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _subsample(features: tuple, seed: int, fraction: float = 0.8) -> tuple:
@@ -202,7 +189,7 @@ def transfer_command(args) -> int:
 
     cfg = load_config(args.config, list(getattr(args, "overrides", None) or []))
     res = transfer_one(args.backbone, args.source, cfg, mode=args.mode, seeds=args.seeds)
-    _atomic_json(Path(args.out), res)
+    write_json_atomic(Path(args.out), res)
     print(f"{res['dataset']} ({res['task']}, {res['mode']}): {res['metric']} "
           f"{100 * res['mean']:.1f} ± {100 * res['std']:.1f} over {len(res['seeds'])} seeds "
           f"[{', '.join(f'{100 * s:.1f}' for s in res['scores'])}] in {res['wall_s']:.0f} s -> {args.out}")
