@@ -1,0 +1,220 @@
+"""The paper's losses against hand computations (issue #7, item 6).
+
+Every expected value is computed here independently (plain math / numpy or explicit torch
+formulas), so a wrong implementation, or a stub returning a constant, fails.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+# one import per function: the module they live in may move (one-line change here)
+from xlearner.stages.common import seg_loss
+from xlearner.stages.squeeze import cka_distill_loss, cosine_distill_loss, feature_distill_loss, kd_loss
+
+l2_distill = feature_distill_loss
+cosine_distill = cosine_distill_loss
+cka_distill = cka_distill_loss
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- l2 (per-pixel) distillation
+def test_l2_distill_is_zero_for_equal_maps_and_for_per_pixel_positive_scales():
+    t = _randn(2, 5, 4, 3)
+    assert float(l2_distill(t.clone(), t)) == pytest.approx(0.0, abs=1e-6)
+    scale = 0.1 + _randn(2, 1, 4, 3, seed=1).abs() * 10  # a different positive factor at every pixel
+    assert float(l2_distill(t * scale, t)) == pytest.approx(0.0, abs=1e-6)
+    # a negative scale at one pixel is no longer the same direction: that pixel costs 4
+    flip = torch.ones(2, 1, 4, 3)
+    flip[0, 0, 1, 2] = -1
+    assert float(l2_distill(t * flip, t)) == pytest.approx(4.0 / (2 * 4 * 3), abs=1e-6)
+
+
+def test_l2_distill_equals_two_minus_two_cos_averaged_over_pixels():
+    s, t = _randn(3, 6, 5, 4, seed=2), _randn(3, 6, 5, 4, seed=3)
+    cos = (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))  # (B, H, W): one cosine per pixel
+    expected = (2 - 2 * cos).mean()
+    assert float(l2_distill(s, t)) == pytest.approx(float(expected), rel=1e-5)
+    # the mean is over pixels and images, not a sum (the loss does not grow with the map size)
+    assert 0.0 <= float(l2_distill(s, t)) <= 4.0
+
+
+def test_l2_distill_range_zero_to_four_and_four_for_opposite_maps():
+    t = _randn(2, 8, 3, 3, seed=4)
+    assert float(l2_distill(-t, t)) == pytest.approx(4.0, abs=1e-5)
+    assert float(l2_distill(-3.0 * t, t)) == pytest.approx(4.0, abs=1e-5)
+    for seed in range(5):
+        v = float(l2_distill(_randn(2, 8, 3, 3, seed=10 + seed) * 100, t))
+        assert 0.0 <= v <= 4.0
+    # orthogonal directions at every pixel: cos = 0 -> 2
+    a = torch.zeros(1, 2, 2, 2)
+    b = torch.zeros(1, 2, 2, 2)
+    a[:, 0] = 1.0
+    b[:, 1] = 5.0
+    assert float(l2_distill(a, b)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_l2_distill_resizes_a_student_of_another_size_bilinearly():
+    teacher = _randn(1, 3, 4, 4, seed=5)
+    # a spatially constant student stays constant under any resize: loss = 2 - 2cos with that vector
+    v = torch.tensor([1.0, -2.0, 0.5])
+    student = v.view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    cos = (v.view(1, 3, 1, 1) * teacher).sum(1) / (v.norm() * teacher.norm(dim=1))
+    assert float(l2_distill(student, teacher)) == pytest.approx(float((2 - 2 * cos).mean()), rel=1e-5)
+    # a varying 2x2 student: the value is that of the bilinear (not nearest) upsampling to 4x4
+    student = _randn(1, 3, 2, 2, seed=6)
+    up = F.interpolate(student, size=(4, 4), mode="bilinear", align_corners=False)
+    near = F.interpolate(student, size=(4, 4), mode="nearest")
+    cos_up = (up * teacher).sum(1) / (up.norm(dim=1) * teacher.norm(dim=1))
+    cos_near = (near * teacher).sum(1) / (near.norm(dim=1) * teacher.norm(dim=1))
+    got = float(l2_distill(student, teacher))
+    assert got == pytest.approx(float((2 - 2 * cos_up).mean()), rel=1e-5)
+    assert got != pytest.approx(float((2 - 2 * cos_near).mean()), rel=1e-3)
+
+
+def test_l2_distill_gradient_reaches_the_student():
+    s = _randn(1, 4, 3, 3, seed=7).requires_grad_(True)
+    l2_distill(s, _randn(1, 4, 3, 3, seed=8)).backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- cosine (whole map) distillation
+def test_cosine_distill_zero_for_equal_maps_and_hand_value():
+    t = _randn(2, 3, 4, 4, seed=9)
+    assert float(cosine_distill(t.clone(), t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_distill(7.0 * t, t)) == pytest.approx(0.0, abs=1e-6)  # one positive scale per image
+    # two images of (C=2, 1x1): [1, 0] vs [1, 1] -> 1 - 1/sqrt(2); [0, 2] vs [0, -1] -> 1 - (-1) = 2
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).view(2, 2, 1, 1)
+    t = torch.tensor([[1.0, 1.0], [0.0, -1.0]]).view(2, 2, 1, 1)
+    expected = ((1 - 1 / math.sqrt(2)) + 2.0) / 2
+    assert float(cosine_distill(s, t)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cosine_distill_is_over_the_whole_map_not_per_pixel():
+    """(C=1, 1x2): student [1, 3], teacher [1, 1]. Per pixel the directions agree (l2: 0), but the
+    whole-map cosine is 4 / (sqrt(10) sqrt(2)) < 1: a per-pixel positive rescaling changes it."""
+    s = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    t = torch.tensor([1.0, 1.0]).view(1, 1, 1, 2)
+    # hand: cos = (1 + 3) / (sqrt(10) * sqrt(2))
+    assert float(cosine_distill(s, t)) == pytest.approx(1 - 4 / (math.sqrt(10) * math.sqrt(2)), rel=1e-6)
+    assert float(l2_distill(s, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- linear CKA distillation
+def _cka_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA in its kernel (HSIC) form: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)), K = X X^T."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def _pixels(m: torch.Tensor) -> np.ndarray:
+    return m.permute(0, 2, 3, 1).reshape(-1, m.shape[1]).double().numpy()
+
+
+def test_cka_distill_zero_for_equal_maps_and_one_channel_hand_value():
+    t = _randn(2, 4, 3, 3, seed=11)
+    assert float(cka_distill(t.clone(), t)) == pytest.approx(0.0, abs=1e-5)
+    # one channel, three pixels: CKA is the squared Pearson correlation. x = [1, 2, 3], y = [1, 3, 2]:
+    # centred [-1, 0, 1] and [-1, 1, 0]; corr = 1 / (sqrt(2) sqrt(2)) = 1/2; loss = 1 - 1/4
+    s = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 1, 3)
+    t = torch.tensor([1.0, 3.0, 2.0]).view(1, 1, 1, 3)
+    assert float(cka_distill(s, t)) == pytest.approx(0.75, abs=1e-6)
+
+
+def test_cka_distill_matches_the_kernel_form_with_different_widths():
+    s, t = _randn(2, 3, 3, 2, seed=12), _randn(2, 5, 3, 2, seed=13)  # 12 pixels; 3 vs 5 channels
+    expected = 1 - _cka_numpy(_pixels(s), _pixels(t))
+    assert float(cka_distill(s, t)) == pytest.approx(expected, abs=1e-5)
+    assert 0.0 <= float(cka_distill(s, t)) <= 1.0
+
+
+def test_cka_distill_invariant_to_orthogonal_rotation_of_channels_and_scale():
+    s, t = _randn(2, 4, 3, 3, seed=14), _randn(2, 4, 3, 3, seed=15)
+    q, _ = torch.linalg.qr(_randn(4, 4, seed=16))  # a random orthogonal matrix
+    rotated = torch.einsum("dc,bchw->bdhw", q, s)
+    assert not torch.allclose(rotated, s)
+    base = float(cka_distill(s, t))
+    assert float(cka_distill(rotated, t)) == pytest.approx(base, abs=1e-5)
+    assert float(cka_distill(3.0 * rotated, t)) == pytest.approx(base, abs=1e-5)  # isotropic scale
+    # the student rotated from the teacher itself is a perfect match
+    assert float(cka_distill(torch.einsum("dc,bchw->bdhw", q, t), t)) == pytest.approx(0.0, abs=1e-5)
+    # an anisotropic scaling of channels is not a rotation: CKA changes
+    aniso = s * torch.tensor([1.0, 5.0, 0.2, 1.0]).view(1, 4, 1, 1)
+    assert float(cka_distill(aniso, t)) != pytest.approx(base, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- logit KD
+def _kl_hand(student, teacher, temperature):
+    """batch mean of T^2 KL(softmax(t/T) || softmax(s/T)), with plain math."""
+    total = 0.0
+    for srow, trow in zip(student, teacher):
+        es = [math.exp(v / temperature) for v in srow]
+        et = [math.exp(v / temperature) for v in trow]
+        ps = [e / sum(es) for e in es]
+        pt = [e / sum(et) for e in et]
+        total += sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    return temperature ** 2 * total / len(student)
+
+
+def test_kd_loss_hand_value_with_temperature_squared():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, -2.0]]
+    s, t = torch.tensor(student), torch.tensor(teacher)
+    for temperature in (1.0, 2.0, 4.0):
+        expected = _kl_hand(student, teacher, temperature)
+        assert float(kd_loss(s, t, temperature)) == pytest.approx(expected, rel=1e-5), temperature
+    # first row at T = 2, written out: p_t = softmax([1, 0, .5]), p_s = softmax([.5, 1, .25])
+    pt = np.exp([1.0, 0.0, 0.5]) / np.exp([1.0, 0.0, 0.5]).sum()
+    ps = np.exp([0.5, 1.0, 0.25]) / np.exp([0.5, 1.0, 0.25]).sum()
+    row0 = 4.0 * float((pt * np.log(pt / ps)).sum())
+    assert float(kd_loss(s[:1], t[:1], 2.0)) == pytest.approx(row0, rel=1e-5)
+    # direction: KL(p_t || p_s), not KL(p_s || p_t)
+    assert float(kd_loss(s, t, 2.0)) != pytest.approx(_kl_hand(teacher, student, 2.0), rel=1e-3)
+
+
+def test_kd_loss_zero_for_equal_logits():
+    x = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    for temperature in (1.0, 4.0):
+        assert float(kd_loss(x.clone(), x, temperature)) == pytest.approx(0.0, abs=1e-6)
+    # softmax ignores a per-row shift
+    assert float(kd_loss(x + 10.0, x, 4.0)) == pytest.approx(0.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- seg loss with ignored pixels
+def test_seg_loss_fully_ignored_mask_is_zero_and_keeps_the_graph():
+    logits = _randn(2, 3, 4, 4, seed=20).requires_grad_(True)
+    masks = torch.full((2, 4, 4), 255, dtype=torch.long)
+    loss = seg_loss(logits, masks)
+    assert torch.isfinite(loss) and float(loss.detach()) == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_seg_loss_partly_ignored_is_cross_entropy_over_kept_pixels_only():
+    logits = _randn(1, 3, 2, 2, seed=21)
+    masks = torch.tensor([[[0, 2], [255, 1]]])
+    # by hand: -log softmax at the three kept pixels, averaged over 3 (not 4)
+    logp = logits.log_softmax(1)[0]
+    kept = [(0, 0, 0), (0, 1, 2), (1, 1, 1)]  # (row, col, class)
+    expected = -sum(float(logp[c, i, j]) for i, j, c in kept) / 3
+    assert float(seg_loss(logits, masks)) == pytest.approx(expected, rel=1e-5)
+    # the ignored pixel's logits do not matter
+    changed = logits.clone()
+    changed[0, :, 1, 0] = torch.tensor([50.0, -50.0, 3.0])
+    assert float(seg_loss(changed, masks)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_seg_loss_gradient_is_zero_at_ignored_pixels():
+    logits = _randn(1, 3, 2, 2, seed=22).requires_grad_(True)
+    seg_loss(logits, torch.tensor([[[0, 255], [1, 2]]])).backward()
+    assert torch.equal(logits.grad[0, :, 0, 1], torch.zeros(3))
+    assert float(logits.grad[0, :, 0, 0].abs().sum()) > 0
