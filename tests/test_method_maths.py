@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 # one import per function: the module they live in may move (one-line change here)
-from xlearner.stages.common import seg_loss
+from xlearner.tasks import seg_loss
 from xlearner.stages.squeeze import cka_distill_loss, cosine_distill_loss, feature_distill_loss, kd_loss
 
 l2_distill = feature_distill_loss

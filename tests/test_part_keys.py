@@ -196,10 +196,9 @@ def test_imagenet_method_has_no_stage_and_rekeys_with_transfer_settings_only():
     assert own <= changed  # another cut of the model: another exported backbone
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug: the imagenet transfer key omits fpn_channels, which "
-                                      "sizes the transfer det/seg necks (transfer_one reads cfg.fpn_channels); "
-                                      "a rerun with another fpn_channels reuses stale imagenet results")
 def test_imagenet_transfers_rekey_with_the_transfer_neck_width():
+    """transfer_one sizes the det/seg necks by fpn_channels and augments by ``augment``: the imagenet
+    method, which has no stage key carrying them, must re-key on them too (a fixed defect)."""
     base = _keys(_cfg(preset="pretrained"))
     changed = _changed(base, _keys(_cfg("fpn_channels=32", preset="pretrained")))
     dense = {f"transfer imagenet -> {d}" for d in ("tree_crowns", "composed_det_animals", "nuclei",

@@ -225,7 +225,8 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         backbone_of["imagenet"] = (None, _key("imagenet", IMAGENET_SHA256, cfg.backbone.out_indices), None)
 
     # --- export + transfer -------------------------------------------------------------------
-    transfer_sections = _sections(cfg, "transfer", "seed")
+    # transfer_one reads these sections (fpn_channels: the transfer necks; augment: fine-tuning)
+    transfer_sections = _sections(cfg, "transfer", "seed", "fpn_channels", "augment")
     transfer_weight = 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10)
     for method, (dirname, stage_key, branch) in backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
