@@ -39,13 +39,22 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, *, enabled: bool, progress: bool, total_steps: int,
+    """A run's log: ``out_dir/log.jsonl``, TensorBoard scalars and a progress bar. Without a run
+    folder (``out_dir=None``: a fit inside something bigger, e.g. transfer) only a transient
+    progress bar and the validation lines on the console."""
+
+    def __init__(self, out_dir: Path | None, *, enabled: bool, progress: bool, total_steps: int,
                  start_step: int, resumed: bool) -> None:
         self.enabled = enabled
         self.bar = None
         self.tb = None
         self._f = None
         if not enabled:
+            return
+        if out_dir is None:
+            if progress:
+                self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True, mininterval=1.0,
+                                file=sys.stderr)
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "log.jsonl"
@@ -81,7 +90,8 @@ class RunLogger:
         """One JSON line ``{"step": step, **record}`` and ``train/<key>`` scalars."""
         if not self.enabled:
             return
-        self._f.write(json.dumps({"step": step, **_plain(record)}) + "\n")
+        if self._f is not None:
+            self._f.write(json.dumps({"step": step, **_plain(record)}) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -95,7 +105,8 @@ class RunLogger:
     def log_val(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._f.write(json.dumps({"step": step, "val": _plain(dict(metrics))}) + "\n")
+        if self._f is not None:
+            self._f.write(json.dumps({"step": step, "val": _plain(dict(metrics))}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

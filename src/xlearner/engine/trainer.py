@@ -16,7 +16,6 @@ a step at or after a non-finite loss, and the error names the first bad step.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -179,46 +178,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _ConsoleLog:
-    """The logger of a fit without a run folder (``out_dir=None``): no files; a transient
-    progress bar (``cfg.progress``) showing the loss, and validation lines on the console.
-    Same methods as :class:`RunLogger`."""
-
-    def __init__(self, *, enabled: bool, progress: bool, total_steps: int) -> None:
-        self.enabled = enabled
-        self.bar = None
-        if enabled and progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True, mininterval=1.0,
-                            file=sys.stderr)
-
-    def info(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def log_train(self, step: int, record: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('total', float('nan')):.4g}", refresh=False)
-
-    def log_val(self, step: int, metrics: dict[str, float]) -> None:
-        self.info(f"step {step} val: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                    for k, v in metrics.items() if not isinstance(v, dict)))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 # ---------------------------------------------------------------------------- fit
 
 def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
@@ -311,11 +270,9 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
     if cfg.compile:
         model = torch.compile(model)
 
-    if out_dir is None:
-        log = _ConsoleLog(enabled=main, progress=cfg.progress, total_steps=cfg.steps)
-    else:
-        log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
-                        start_step=start_step, resumed=start_step > 0)
+    log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
+                    start_step=start_step, resumed=start_step > 0)
+    if out_dir is not None:
         n_params = sum(p.numel() for p in params)
         log.info(f"xlearner fit: device={device} world_size={world} trainable_params={n_params:,} "
                  f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")

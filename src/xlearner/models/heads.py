@@ -291,7 +291,7 @@ class _ConvGNReLU(nn.Sequential):
 
 
 class SegHead(nn.Module):
-    """Panoptic-FPN semantic head: every level is brought to stride 4 by (conv+GN+ReLU+2x up)
+    """Panoptic-FPN semantic head: every level is brought to the finest stride (4 for a ResNet) by (conv+GN+ReLU+2x up)
     blocks, the levels are summed, a 1x1 conv gives K logits, upsampled to the input size."""
 
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], hidden: int | None = None):

@@ -122,7 +122,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         train_cfg = cfg.train.model_copy(update={"steps": steps})
         try:
             result = fit(module, data.loader, train_cfg, out_dir, evaluate=evaluate, count_images=common.batch_images,
-                         resume=resume, seed=cfg.seed, extra_state={"stage": stage, "digest": cfg.digest()})
+                         resume=resume, seed=cfg.seed, extra_state={"stage": stage})
         finally:
             data.loader.close()
         steps = int(result.steps)

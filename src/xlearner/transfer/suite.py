@@ -23,6 +23,7 @@ from torch import nn
 from xlearner import tasks
 from xlearner.config import BackboneConfig, ConfigError, RunConfig, SourceConfig
 from xlearner.files import write_json_atomic
+from xlearner.models.nets import count_parameters
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -121,7 +122,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
 
     _, backbone = load_any_backbone(backbone_path, cfg)
     backbone.to(dev)
-    n_params = int(sum(p.numel() for p in backbone.parameters()))
+    n_params = count_parameters(backbone)
 
     train = subset(build_source(src, "train"), tc.max_train_samples, seed=src.split_seed)
     test = build_source(src, tc.eval_split)  # "val" only while tuning: test is touched once
