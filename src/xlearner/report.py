@@ -53,14 +53,16 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _mean(xs: list[float]) -> float:
+def mean(xs: list[float]) -> float:
+    """The arithmetic mean (every average of the report and of transfer results)."""
     return sum(xs) / len(xs)
 
 
-def _std(xs: list[float]) -> float:
+def sample_std(xs: list[float]) -> float:
+    """Standard deviation with n - 1 (0 for fewer than two values)."""
     if len(xs) < 2:
         return 0.0
-    m = _mean(xs)
+    m = mean(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
@@ -79,8 +81,8 @@ def _mean_se(diffs: list[float]) -> tuple[float, float, int]:
     """Mean, standard error (NaN below two values) and count of paired differences."""
     if not diffs:
         return float("nan"), float("nan"), 0
-    se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
-    return _mean(diffs), se, len(diffs)
+    se = sample_std(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
+    return mean(diffs), se, len(diffs)
 
 
 def _by_seed(entry: dict[str, Any]) -> dict[Any, float]:
@@ -108,7 +110,7 @@ def task_paired(datasets: dict[str, Any], names: list[str], a: str, b: str) -> t
         for s in sa:
             if s in sb:
                 per_seed.setdefault(s, []).append(sa[s] - sb[s])
-    return _mean_se([_mean(v) for v in per_seed.values() if len(v) == len(use)])  # seeds every dataset has
+    return _mean_se([mean(v) for v in per_seed.values() if len(v) == len(use)])  # seeds every dataset has
 
 
 def reference_method(methods: list[str]) -> str | None:
@@ -151,15 +153,15 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             ds = datasets.setdefault(name, {"task": r.get("task"), "metric": r.get("metric"), "methods": {}})
             scores = [100.0 * float(s) for s in r["scores"]]
             entry = {
-                "mean": _mean(scores) if scores else float("nan"),
-                "std": _std(scores) if scores else 0.0,
+                "mean": mean(scores) if scores else float("nan"),
+                "std": sample_std(scores) if scores else 0.0,
                 "n": len(scores), "scores": scores, "mode": r.get("mode"),
                 "seeds": r.get("seeds"),
             }
             extra = r.get("extra") or {}
             for col in _report_columns(r.get("task", "")):
                 if isinstance(extra.get(col), list) and extra[col]:
-                    entry[f"{col}_mean"] = _mean([100.0 * float(v) for v in extra[col]])
+                    entry[f"{col}_mean"] = mean([100.0 * float(v) for v in extra[col]])
             ds["methods"][m] = entry
             if r.get("backbone_params") is not None:
                 bb_params[m] = int(r["backbone_params"])
@@ -178,7 +180,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
         for m in methods:
             vals = [datasets[d]["methods"][m]["mean"] for d in names if m in datasets[d]["methods"]]
             if vals:
-                per_task[t][m] = {"mean": _mean(vals), "datasets": len(vals), "of": len(names)}
+                per_task[t][m] = {"mean": mean(vals), "datasets": len(vals), "of": len(names)}
 
     # --- gains of X-Learner over each baseline: paired over seeds -----------------------
     gains: dict[str, dict[str, float]] = {}

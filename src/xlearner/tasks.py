@@ -109,6 +109,21 @@ class Task:
         """What is wrong with a record's target, or None when it is sound."""
         return None
 
+    def draw(self, image: Tensor, target: dict, class_names: Sequence[str], scale: float,
+             style: "DrawStyle") -> tuple[Tensor, str, set[int]]:
+        """``xlearner data show``: the (upscaled by ``scale``) uint8 image with its target drawn, a
+        caption, and the classes to list in the figure's legend."""
+        return image, ", ".join(f"{k}={v}" for k, v in target.items()), set()
+
+
+@dataclass(frozen=True)
+class DrawStyle:
+    """How ``data show`` draws: ``colour(k)`` of class k, a TrueType font (or None) and its size."""
+
+    colour: Any
+    font: str | None = None
+    font_size: int | None = None
+
 
 # ----------------------------------------------------------------------------- cls
 class Top1Evaluator:
@@ -157,6 +172,9 @@ class ClsTask(Task):
 
     def apply_transform(self, pipeline, image, target):
         return pipeline(image).as_subclass(torch.Tensor), {"label": int(target["label"])}
+
+    def draw(self, image, target, class_names, scale, style):
+        return image, class_names[target["label"]], set()
 
     def check_target(self, image, target, num_classes, where):
         label = target.get("label")
@@ -227,6 +245,16 @@ class DetTask(Task):
     def original_target(self, target):
         return {"boxes": torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.as_tensor(target["labels"], dtype=torch.int64)}
+
+    def draw(self, image, target, class_names, scale, style):
+        from torchvision.utils import draw_bounding_boxes
+
+        boxes, labels = target["boxes"], target["labels"].tolist()
+        if len(boxes):
+            image = draw_bounding_boxes(image, boxes * scale, labels=[class_names[k] for k in labels],
+                                        colors=[style.colour(k) for k in labels], width=2,
+                                        font_size=style.font_size if style.font else None, font=style.font)
+        return image, f"{len(labels)} objects", set()
 
     def check_target(self, image, target, num_classes, where):
         h, w = image.shape[-2:]
@@ -301,6 +329,19 @@ class SegTask(Task):
     def original_target(self, target):
         mask = torch.as_tensor(target["mask"])
         return {"mask": mask.to(torch.uint8) if mask.numel() and int(mask.max()) <= 255 else mask}
+
+    def draw(self, image, target, class_names, scale, style):
+        """The classes present (class 0, background, and ignored pixels left undrawn) as coloured masks."""
+        from torchvision.utils import draw_segmentation_masks
+
+        mask = target["mask"]
+        if scale > 1:
+            mask = mask.repeat_interleave(int(scale), 0).repeat_interleave(int(scale), 1)
+        present = [int(k) for k in torch.unique(mask).tolist() if k not in (0, IGNORE_INDEX)]
+        if present:
+            image = draw_segmentation_masks(image, torch.stack([mask == k for k in present]), alpha=0.5,
+                                            colors=[style.colour(k) for k in present])
+        return image, ", ".join(class_names[k] for k in present) or "background only", set(present)
 
     def check_target(self, image, target, num_classes, where):
         h, w = image.shape[-2:]

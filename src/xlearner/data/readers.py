@@ -171,9 +171,14 @@ def holdout_indices(n: int, cfg: SourceConfig) -> list[int]:
 
 
 class RecordSource(Dataset):
-    """Shared machinery: split selection, bad-record policy, decoding with skip fallback."""
+    """Shared machinery: split selection, bad-record policy, decoding with skip fallback.
+
+    Subclasses read one file format (``_read``) and take their task's target from a decoded
+    record through one of ``LabelRecords`` / ``BoxRecords`` / ``MaskRecords`` (``_target``)."""
 
     task: str = ""
+    drops_unknown_classes = False
+    """Records of classes outside the config's class_names are dropped (boxes) instead of refused."""
 
     def __init__(self, cfg: SourceConfig, split: str = "train"):
         self.cfg = cfg
@@ -219,7 +224,7 @@ class RecordSource(Dataset):
         self.class_names = list(given) if given else list(found)
         if given:
             unknown = [n for n in found if n not in given]
-            if unknown and self.task != "det":
+            if unknown and not self.drops_unknown_classes:
                 raise BadSampleError(
                     f"{where}: classes {unknown} are not among the config's class_names {given}; "
                     f"add them to class_names or remove those records")
@@ -235,24 +240,10 @@ class RecordSource(Dataset):
             image = decode_image(r.image)
         except BadSampleError as exc:
             raise BadSampleError(f"{exc} [record: {r.where}]") from None
-        if self.task == "cls":
-            return image, {"label": int(r.target["label"])}
-        if self.task == "det":
-            out = {"boxes": boxes_within(r, image), "labels": r.target["labels"].clone()}
-            if "image_id" in r.target:  # COCO: scoring against the annotation file needs it
-                out["image_id"] = r.target["image_id"]
-            return image, out
-        mask = map_mask_labels(decode_mask(r.mask), self.cfg)
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
-                                 f"{tuple(image.shape[-2:])}; re-export the mask at the image size [record: {r.where}]")
-        bad = mask[(mask >= self.num_classes) & (mask != IGNORE_INDEX)]
-        if bad.numel():
-            raise BadSampleError(
-                f"{r.mask}: mask holds value {int(bad[0])} but class_names has {self.num_classes} classes "
-                f"(values must be 0..{self.num_classes - 1} or 255 = ignore); fix the mask or class_names "
-                f"[record: {r.where}]")
-        return image, {"mask": mask}
+        return image, self._target(r, image)
+
+    def _target(self, r: Record, image: torch.Tensor) -> dict:
+        raise NotImplementedError
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         """Under skip, a record that fails to decode is counted once and the next valid one is returned.
@@ -281,10 +272,49 @@ class RecordSource(Dataset):
 # classification
 
 
-class ImageFolderSource(RecordSource):
-    """``root/<class name>/<image>``; classes are the sorted folder names."""
+class LabelRecords(RecordSource):
+    """Formats of image-level labels (cls)."""
 
     task = "cls"
+
+    def _target(self, r, image):
+        return {"label": int(r.target["label"])}
+
+
+class BoxRecords(RecordSource):
+    """Formats of boxes (det): boxes checked against the decoded image; COCO keeps its image id."""
+
+    task = "det"
+    drops_unknown_classes = True
+
+    def _target(self, r, image):
+        out = {"boxes": boxes_within(r, image), "labels": r.target["labels"].clone()}
+        if "image_id" in r.target:  # COCO: scoring against the annotation file needs it
+            out["image_id"] = r.target["image_id"]
+        return out
+
+
+class MaskRecords(RecordSource):
+    """Formats of label masks (seg): values mapped by the source's label map and checked."""
+
+    task = "seg"
+
+    def _target(self, r, image):
+        mask = map_mask_labels(decode_mask(r.mask), self.cfg)
+        if tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise BadSampleError(f"{r.mask}: mask is {tuple(mask.shape)} but image {r.image} is "
+                                 f"{tuple(image.shape[-2:])}; re-export the mask at the image size [record: {r.where}]")
+        bad = mask[(mask >= self.num_classes) & (mask != IGNORE_INDEX)]
+        if bad.numel():
+            raise BadSampleError(
+                f"{r.mask}: mask holds value {int(bad[0])} but class_names has {self.num_classes} classes "
+                f"(values must be 0..{self.num_classes - 1} or 255 = ignore); fix the mask or class_names "
+                f"[record: {r.where}]")
+        return {"mask": mask}
+
+
+class ImageFolderSource(LabelRecords):
+    """``root/<class name>/<image>``; classes are the sorted folder names."""
 
     def _read(self, paths):
         root = paths["root"]
@@ -308,15 +338,13 @@ class ImageFolderSource(RecordSource):
         return records
 
 
-class CsvSource(RecordSource):
+class CsvSource(LabelRecords):
     """CSV with header ``path,label``; label is a class name or an integer index.
 
     Paths are relative to ``root`` when given, else to the CSV's folder. Without
     ``class_names`` in the config, labels must be all integers (classes ``"0".."K-1"``) or all
     names (classes = their sorted set).
     """
-
-    task = "cls"
 
     def _read(self, paths):
         path = paths["annotations"]
@@ -426,7 +454,7 @@ def _det_target(boxes: list[list[float]], labels: list[int]) -> dict[str, torch.
             "labels": torch.tensor(labels, dtype=torch.int64)}
 
 
-class CocoSource(RecordSource):
+class CocoSource(BoxRecords):
     """COCO JSON: bbox xywh -> xyxy; category ids -> contiguous 0..K-1 in sorted-id order.
 
     ``category_ids[k]`` is the original id of contiguous class k (for reports and for results
@@ -438,8 +466,6 @@ class CocoSource(RecordSource):
     (``metrics.DetEvaluator``). Any bad annotation marks its whole image bad, so an object is
     never silently turned into background.
     """
-
-    task = "det"
 
     def _read(self, paths):
         path, root = Path(paths["annotations"]), Path(paths["root"])
@@ -629,14 +655,12 @@ def _parse_coco(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-class VocSource(RecordSource):
+class VocSource(BoxRecords):
     """Folder of Pascal VOC XML files; ``<filename>`` relative to ``root``.
 
     Coordinates are read as given (x1,y1,x2,y2 pixel edges, no 1-based shift). Classes are the
     config's class_names when given, else the sorted set of object names found.
     """
-
-    task = "det"
 
     def _read(self, paths):
         folder, root = Path(paths["annotations"]), Path(paths["root"])
@@ -691,10 +715,8 @@ class VocSource(RecordSource):
 # segmentation
 
 
-class MaskFolderSource(RecordSource):
+class MaskFolderSource(MaskRecords):
     """Image folder + folder of PNG masks matched by file stem; mask values are class indices, 255 = ignore."""
-
-    task = "seg"
 
     def _read(self, paths):
         root, masks = Path(paths["root"]), Path(paths["masks"])

@@ -27,31 +27,16 @@ def _upscale(image: torch.Tensor) -> tuple[torch.Tensor, float]:
     return image.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1), float(f)
 
 
-def render(dataset, i: int) -> tuple[np.ndarray, str]:
-    """One sample drawn as an HxWx3 uint8 array, and its caption."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+def render(dataset, i: int) -> tuple[np.ndarray, str, set[int]]:
+    """One sample drawn by its task (``Task.draw``) as an HxWx3 uint8 array, its caption and the
+    classes to list in the legend."""
+    from xlearner import tasks
 
     image, target = dataset[i]
-    names = dataset.class_names
     big, f = _upscale(image)
-    if dataset.task == "cls":
-        return big.permute(1, 2, 0).numpy(), names[target["label"]]
-    if dataset.task == "det":
-        boxes, labels = target["boxes"], target["labels"].tolist()
-        if len(boxes):
-            big = draw_bounding_boxes(big, boxes * f, labels=[names[k] for k in labels],
-                                      colors=[_colour(k) for k in labels], width=2,
-                                      font_size=max(10, big.shape[-1] // 16) if _font() else None,
-                                      font=_font())
-        return big.permute(1, 2, 0).numpy(), f"{len(labels)} objects"
-    mask = target["mask"]
-    if f > 1:
-        mask = mask.repeat_interleave(int(f), 0).repeat_interleave(int(f), 1)
-    present = [int(k) for k in torch.unique(mask).tolist() if k != 0 and k != 255]
-    if present:
-        big = draw_segmentation_masks(big, torch.stack([mask == k for k in present]), alpha=0.5,
-                                      colors=[_colour(k) for k in present])
-    return big.permute(1, 2, 0).numpy(), ", ".join(names[k] for k in present) or "background only"
+    style = tasks.DrawStyle(_colour, _font(), max(10, big.shape[-1] // 16))
+    pic, caption, legend = tasks.get(dataset.task).draw(big, target, dataset.class_names, f, style)
+    return pic.permute(1, 2, 0).numpy(), caption, legend
 
 
 def _font() -> str | None:
@@ -77,22 +62,19 @@ def show_grid(dataset, out_png: str | Path, n: int = 16, seed: int = 0) -> Path:
     idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + (0.8 if dataset.task == "seg" else 0)),
-                             squeeze=False)
-    seen: set[int] = set()
+    drawn = [render(dataset, int(i)) for i in idx]
+    seen: set[int] = set().union(*(legend for _, _, legend in drawn))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + (0.8 if seen else 0)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), idx):
-        pic, caption = render(dataset, int(i))
+    for ax, i, (pic, caption, _) in zip(axes.ravel(), idx, drawn):
         ax.imshow(pic, interpolation="nearest")
         ax.set_title(f"#{i}: {caption}", fontsize=8)
-        if dataset.task == "seg":
-            seen.update(int(k) for k in torch.unique(dataset[int(i)][1]["mask"]).tolist() if k not in (0, 255))
-    if dataset.task == "seg" and seen:
+    if seen:
         handles = [Patch(color=np.array(_colour(k)) / 255, label=dataset.class_names[k]) for k in sorted(seen)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.suptitle(f"{getattr(dataset, 'name', 'dataset')} ({dataset.task}, {len(dataset)} samples)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if dataset.task == "seg" else 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 if seen else 0, 1, 0.97))
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -90,12 +90,6 @@ def _subsample(features: tuple, seed: int, fraction: float = 0.8) -> tuple:
     return x[keep], y[keep]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
-
-
 # ----------------------------------------------------------------------------- transfer
 def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | SourceConfig, cfg: RunConfig,
                  mode: str | None = None, seeds: int | list[int] | None = None,
@@ -174,10 +168,11 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
             add("final_loss", r.get("final_loss"))
         if pristine is not None:
             backbone.load_state_dict(pristine)  # a module passed in is left as it came
-    mean, std = _mean_std(scores)
+    from xlearner.report import mean, sample_std
+
     return {
         "dataset": src.name, "task": task.name, "metric": task.metric, "mode": mode,
-        "seeds": seed_list, "scores": scores, "mean": mean, "std": std, "extra": extra,
+        "seeds": seed_list, "scores": scores, "mean": mean(scores), "std": sample_std(scores), "extra": extra,
         "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
         "backbone_params": n_params, "num_train": len(train), "num_test": len(test),
         "image_size": size, "steps": tc.steps if mode != "linear" else None, "eval_split": tc.eval_split,

@@ -19,7 +19,7 @@ from xlearner.data.embedded.catalog import (ANIMAL_CLASSES, DIGIT_CLASSES, EMBED
                                             NUCLEI_TILE, SPLITS, TEXTURE_NAMES, TEXTURE_PATCH, TREE_TILE,
                                             EmbeddedDataError, EmbeddedInfo, info)
 from xlearner.data.embedded.convert import NUCLEI_BANDS, TREE_REGIONS, texture_half, texture_images, tile_boxes
-from xlearner.data.embedded.dataset import (ComposedDataset, EmbeddedClsDataset, NucleiDataset, TreeCrownDataset,
+from xlearner.data.embedded.dataset import (ComposedDataset, ComposedDetDataset, ComposedSegDataset, EmbeddedClsDataset, NucleiDataset, TreeCrownDataset,
                                             open_dataset)
 from xlearner.data.embedded.fetching import fetch
 from xlearner.data.embedded.listing import list_rows
@@ -27,7 +27,7 @@ from xlearner.data.embedded.safety import RestrictedUnpickler, restricted_loads,
 
 __all__ = [
     "ANIMAL_CLASSES", "DIGIT_CLASSES", "EMBEDDED", "FASHION_CLASSES", "FORMAT_VERSION", "NUCLEI_BANDS", "NUCLEI_TILE",
-    "SPLITS", "TEXTURE_NAMES", "TEXTURE_PATCH", "TREE_REGIONS", "TREE_TILE", "ComposedDataset", "EmbeddedClsDataset",
+    "SPLITS", "TEXTURE_NAMES", "TEXTURE_PATCH", "TREE_REGIONS", "TREE_TILE", "ComposedDataset", "ComposedDetDataset", "ComposedSegDataset", "EmbeddedClsDataset",
     "EmbeddedDataError", "EmbeddedInfo", "NucleiDataset", "RestrictedUnpickler", "TreeCrownDataset", "dataset_dir",
     "fetch", "info", "is_fetched", "list_rows", "open_dataset", "read_meta", "restricted_loads", "sha256_file",
     "texture_half", "texture_images", "tile_boxes", "verify_sha256", "xlearner_home",

@@ -90,7 +90,11 @@ class NucleiDataset(_Embedded):
 
 
 class ComposedDataset(_Embedded):
-    """Composed scenes (glyphs on textures), generated on the fly by SceneComposer, never stored."""
+    """Composed scenes (glyphs on textures), generated on the fly by SceneComposer, never stored.
+    ``ComposedDetDataset`` gives their boxes, ``ComposedSegDataset`` their masks."""
+
+    first_glyph_class = 0
+    """Index of the first glyph class in ``class_names`` (seg: 0 is the background)."""
 
     def __init__(self, name, split, home, composer: ComposerConfig | None):
         super().__init__(name, split, home)
@@ -116,7 +120,7 @@ class ComposedDataset(_Embedded):
                 offset += len(info(dep).class_names)
             half = "top" if upstream else "bottom"
             backgrounds = [texture_half(t, half) for t in texture_images().values()]
-            glyph_names = self.class_names[1:] if self.task == "seg" else self.class_names
+            glyph_names = self.class_names[self.first_glyph_class:]
             self._composer = SceneComposer(np.concatenate(glyphs), np.concatenate(labels), glyph_names,
                                            backgrounds, self.config)
         return self._composer
@@ -124,12 +128,26 @@ class ComposedDataset(_Embedded):
     def __len__(self) -> int:
         return {"train": self.config.num_train, "val": self.config.num_val, "test": self.config.num_test}[self.split]
 
+
+
+class ComposedDetDataset(ComposedDataset):
     def __getitem__(self, i: int):
-        image, boxes, labels, mask = self.composer.scene(i, self.split)
-        image_t = torch.from_numpy(image)
-        if self.task == "det":
-            return image_t, {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
-        return image_t, {"mask": torch.from_numpy(mask)}
+        image, boxes, labels, _ = self.composer.scene(i, self.split)
+        return torch.from_numpy(image), {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
+
+
+class ComposedSegDataset(ComposedDataset):
+    first_glyph_class = 1
+
+    def __getitem__(self, i: int):
+        image, _, _, mask = self.composer.scene(i, self.split)
+        return torch.from_numpy(image), {"mask": torch.from_numpy(mask)}
+
+
+COMPOSED = {"det": ComposedDetDataset, "seg": ComposedSegDataset}
+"""The composed dataset class of each task a scene can be labelled for."""
+REAL = {"tree_crowns": TreeCrownDataset, "nuclei": NucleiDataset}
+"""Embedded datasets with their own reader; the others are image/label arrays (cls)."""
 
 
 def open_dataset(name: str, split: str, composer: ComposerConfig | None = None,
@@ -139,9 +157,5 @@ def open_dataset(name: str, split: str, composer: ComposerConfig | None = None,
     if not is_fetched(name, home):
         fetch([name], home=home)
     if i.composed:
-        return ComposedDataset(name, split, home, composer)
-    if i.task == "cls":
-        return EmbeddedClsDataset(name, split, home)
-    if name == "tree_crowns":
-        return TreeCrownDataset(name, split, home)
-    return NucleiDataset(name, split, home)
+        return COMPOSED[i.task](name, split, home, composer)
+    return REAL.get(name, EmbeddedClsDataset)(name, split, home)
