@@ -42,7 +42,9 @@ class ValueHead(nn.Module):
 
 class Pool(nn.Module):
     def forward(self, features):
-        return tasks.global_pool(features)
+        from xlearner.models.heads import global_pool
+
+        return global_pool(features)
 
 
 class DigitValue(tasks.Task):

@@ -38,11 +38,6 @@ def image_size_of(images: Tensor) -> tuple[int, int]:
     return int(images.shape[-2]), int(images.shape[-1])
 
 
-def global_pool(features: list[Tensor]) -> Tensor:
-    """Global average pool of the last backbone feature -> (B, C): the image-level representation."""
-    return features[-1].mean(dim=(2, 3))
-
-
 class Task:
     """One task type. Subclasses set the class attributes and implement the methods.
 

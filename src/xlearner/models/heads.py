@@ -22,11 +22,16 @@ from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, sig
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 
+def global_pool(features: list[Tensor]) -> Tensor:
+    """Global average pool of the last backbone feature -> (B, C): the image-level representation."""
+    return features[-1].mean(dim=(2, 3))
+
+
 class ClsNeck(nn.Module):
     """Global average pool of the last backbone feature -> (B, C)."""
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return features[-1].mean(dim=(2, 3))
+        return global_pool(features)
 
 
 class ClsHead(nn.Module):

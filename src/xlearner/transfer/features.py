@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xlearner.data.sources import SubsetSource
+from xlearner.models.heads import global_pool
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", enable: bool = True):
@@ -83,8 +84,7 @@ def extract_pooled(backbone: nn.Module, dataset: Dataset, size: int, batch_size:
     feats, labels = [], []
     loader = eval_loader(dataset, "cls", size, batch_size)
     for batch in progress(loader, total=len(loader), desc=desc, enable=show_progress):
-        f = backbone(batch["images"].to(dev))[-1]
-        feats.append(f.float().mean(dim=(2, 3)).cpu())
+        feats.append(global_pool(backbone(batch["images"].to(dev))).float().cpu())
         labels.append(batch["labels"])
     backbone.train(was_training)
     if not feats:
