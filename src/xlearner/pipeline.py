@@ -201,21 +201,19 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         xlearner_parts(f"ablations/{ablation}/", acfg, f"xlearner[{ablation}]",
                        direct=ablation == "expansion_direct")
 
-    # --- baselines on the same engine and step budget --------------------------------------
-    has_ssst = cfg.baselines.ssst_source is not None or cfg.baselines.ssst_task in cfg.tasks
-    baselines: list[tuple[str, str, RunConfig]] = [("ssst", "ssst", cfg)] if has_ssst else []
-    for task in cfg.tasks:
-        bcfg = cfg.model_copy(deep=True)
-        bcfg.baselines.msst_task = task
-        baselines.append((f"msst_{task}", "msst", bcfg))
-    scratch_cfg = cfg.model_copy(deep=True)
-    scratch_cfg.backbone.weights = None  # scratch is random initialisation, also where the others start pretrained
-    baselines += [("msmt", "msmt", cfg), ("scratch", "scratch", scratch_cfg)]
-    for dirname, stage, bcfg in baselines:
-        key = _key(dirname, _sections(bcfg, *UPSTREAM, "baselines") if dirname == "scratch" else base_sections)
-        stage_part(dirname, stage, bcfg, key, 0.5 if stage == "scratch" else steps * 1.0)
-        methods[dirname] = [dirname]
-        backbone_of[dirname] = (dirname, key, None)
+    # --- baselines on the same engine and step budget (the registry's baseline stages) ------
+    from xlearner.stages import STAGES
+
+    for stage_cls in STAGES.values():
+        if not stage_cls.baseline or not stage_cls.applies(cfg):
+            continue
+        for task in (cfg.tasks if stage_cls.per_task else [None]):
+            dirname = f"{stage_cls.name}_{task}" if task else stage_cls.name
+            bcfg = stage_cls.configure(cfg, task)
+            key = _key(dirname, _sections(bcfg, *UPSTREAM, "baselines"))
+            stage_part(dirname, stage_cls.name, bcfg, key, stage_cls.steps(cfg) or 0.5)
+            methods[dirname] = [dirname]
+            backbone_of[dirname] = (dirname, key, None)
 
     # --- the current pretrained model, untouched (no training stage here) ---------------------
     if cfg.baselines.imagenet and imagenet_compatible(cfg):

@@ -38,11 +38,17 @@ class SharedNetStage(NetStage):
 
 
 class MSMT(SharedNetStage):
-    name = "msmt"
+    name, baseline = "msmt", True
 
 
 class MSST(SharedNetStage):
-    name = "msst"
+    name, baseline, per_task = "msst", True, True
+
+    @classmethod
+    def configure(cls, cfg, task=None):
+        out = cfg.model_copy(deep=True)
+        out.baselines.msst_task = task
+        return out
 
     @classmethod
     def select_sources(cls, cfg, train_size):
@@ -54,7 +60,11 @@ class MSST(SharedNetStage):
 
 
 class SSST(SharedNetStage):
-    name = "ssst"
+    name, baseline = "ssst", True
+
+    @classmethod
+    def applies(cls, cfg):
+        return cfg.baselines.ssst_source is not None or cfg.baselines.ssst_task in cfg.tasks
 
     @classmethod
     def select_sources(cls, cfg, train_size):
@@ -74,8 +84,14 @@ class SSST(SharedNetStage):
 class Scratch(SharedNetStage):
     """Random initialisation, saved untrained: what every gain is measured against."""
 
-    name = "scratch"
+    name, baseline = "scratch", True
 
     @classmethod
     def steps(cls, cfg):
         return 0
+
+    @classmethod
+    def configure(cls, cfg, task=None):
+        out = cfg.model_copy(deep=True)
+        out.backbone.weights = None  # random initialisation, also where the others start pretrained
+        return out

@@ -4,6 +4,9 @@ A stage is where models and losses meet. ``train_stage`` (stages/__init__.py) on
 
 class side, before the module exists
 - ``name``: the stage's name (``xlearner train --stage``, the run folder, the report);
+- ``baseline`` / ``per_task`` / ``applies(cfg)`` / ``configure(cfg, task)``: how the main job
+  (``pipeline.build_parts``) trains it as a baseline: once, or once per task (msst), and with
+  which config;
 - ``select_sources(cfg, train_size)``: the sources it trains on (``train_size(source)``: the
   number of training images, opened on demand);
 - ``steps(cfg)``: its optimizer steps (``scratch``: 0, nothing is trained);
@@ -34,6 +37,17 @@ from xlearner.config import RunConfig, SourceConfig
 
 class Stage(nn.Module):
     name: ClassVar[str] = ""
+    baseline: ClassVar[bool] = False
+    per_task: ClassVar[bool] = False
+
+    @classmethod
+    def applies(cls, cfg: RunConfig) -> bool:
+        return True
+
+    @classmethod
+    def configure(cls, cfg: RunConfig, task: str | None = None) -> RunConfig:
+        """The config the main job trains this stage with (for ``task``, with ``per_task``)."""
+        return cfg
 
     @classmethod
     def select_sources(cls, cfg: RunConfig, train_size: Callable[[SourceConfig], int]) -> list[SourceConfig]:
