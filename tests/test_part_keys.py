@@ -85,6 +85,16 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     ("train.lr=0.001", EVERYTHING),
     ("sources.glyph_det.batch_size=2", EVERYTHING),
     ("seed=1", EVERYTHING),
+    # settings no result depends on: display, checkpoint frequency, loader workers, the teacher folder
+    # (the main job sets it)
+    ("train.progress=false", set()),
+    ("train.log_every=7", set()),
+    ("train.ckpt_every=7", set()),
+    ("train.num_workers=2", set()),
+    ("squeeze.teacher=/elsewhere/expansion", set()),
+    # a baseline's own choice re-keys that baseline only (and what it exports and transfers)
+    ("baselines.ssst_source=mnist", {"ssst"} | _export_transfers("ssst")),
+    ("baselines.imagenet=false", set()),  # no imagenet method in quick (not a MobileNetV2)
     # report-only settings and the run's display name: nothing
     ("gates.separation_points=7", set()),
     ("gates.upstream.fashion=80", set()),
@@ -95,6 +105,13 @@ def test_a_changed_key_rekeys_exactly_the_parts_that_depend_on_it(base, override
     changed = _changed(base, _keys(_cfg(override)))
     assert changed == expected, (f"{override}: re-keyed but should not: {sorted(changed - expected)}; "
                                  f"should re-key but did not: {sorted(expected - changed)}")
+
+
+def test_dropping_a_transfer_dataset_keeps_every_other_transfer(base):
+    """Each transfer part is keyed by its own dataset: the list of datasets re-keys no other part."""
+    fewer = _keys(_cfg(f"transfer.datasets=[{','.join(DATASETS[1:])}]"))
+    assert set(base) - set(fewer) == {f"transfer {m} -> {DATASETS[0]}" for m in METHODS}
+    assert all(fewer[n] == base[n] for n in fewer)
 
 
 def test_every_stage_part_changes_with_train_steps(base):

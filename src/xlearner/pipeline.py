@@ -80,9 +80,19 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps((MODEL_LAYOUT, *parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+UNKEYED = {"train": ("progress", "log_every", "ckpt_every", "num_workers"),
+           "squeeze": ("teacher",), "transfer": ("datasets",), "baselines": ("ssst_source", "ssst_task",
+                                                                            "msst_task", "imagenet")}
+"""Settings that change no result of the parts keyed by their section: display and checkpoint
+frequency, loader workers (the data stream does not depend on them), the teacher folder (the
+main job sets it), the list of transfer datasets (each transfer part is keyed by its own
+dataset) and the baselines' choices (each baseline is keyed by the ones it reads: ``Stage.keyed``)."""
+
+
 def _sections(cfg: RunConfig, *names: str) -> dict:
     d = cfg.to_dict()
-    return {n: d[n] for n in names}
+    return {n: {k: v for k, v in d[n].items() if k not in UNKEYED.get(n, ())} if isinstance(d[n], dict) else d[n]
+            for n in names}
 
 
 UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "backbone", "augment", "sources", "train")
@@ -151,6 +161,12 @@ def run_part(part: Part, cfg: RunConfig) -> None:
         raise ValueError(f"unknown part kind {part.kind!r}")
 
 
+def _baseline_key(stage_cls, dirname: str, bcfg: RunConfig) -> str:
+    """A baseline's key: the upstream settings and the ``baselines`` fields it reads (``Stage.keyed``)."""
+    chosen = {k: getattr(bcfg.baselines, k) for k in stage_cls.keyed}
+    return _key(dirname, _sections(bcfg, *UPSTREAM), chosen)
+
+
 def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple[list[Part], dict[str, list[str]]]:
     """The list of parts of the main job and, per method, the stage folders whose cost it carries."""
     parts: list[Part] = []
@@ -159,7 +175,7 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
     backbone_of: dict[str, tuple[str | None, str, str | None]] = {}
     steps = cfg.train.steps
     n_tasks = len(cfg.tasks)
-    base_sections = _sections(cfg, *UPSTREAM, "baselines")
+    from xlearner.stages import STAGES
 
     def stage_part(dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
                    deps: list[str] | None = None) -> None:
@@ -188,7 +204,7 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         deps = [exp_dir]
         if xcfg.squeeze.generalist == "msmt":  # the generalist teacher is this run's MSMT baseline
             sq_cfg.squeeze.generalist = str(out / "msmt")
-            sq_key = _key(sq_key, _key("msmt", base_sections))
+            sq_key = _key(sq_key, _baseline_key(STAGES["msmt"], "msmt", STAGES["msmt"].configure(cfg)))
             deps.append("msmt")
         stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), deps)
         # the method's cost: every stage it needs (the generalist teacher's training included)
@@ -202,15 +218,13 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
                        direct=ablation == "expansion_direct")
 
     # --- baselines on the same engine and step budget (the registry's baseline stages) ------
-    from xlearner.stages import STAGES
-
     for stage_cls in STAGES.values():
         if not stage_cls.baseline or not stage_cls.applies(cfg):
             continue
         for task in (cfg.tasks if stage_cls.per_task else [None]):
             dirname = f"{stage_cls.name}_{task}" if task else stage_cls.name
             bcfg = stage_cls.configure(cfg, task)
-            key = _key(dirname, _sections(bcfg, *UPSTREAM, "baselines"))
+            key = _baseline_key(stage_cls, dirname, bcfg)
             stage_part(dirname, stage_cls.name, bcfg, key, stage_cls.steps(cfg) or 0.5)
             methods[dirname] = [dirname]
             backbone_of[dirname] = (dirname, key, None)

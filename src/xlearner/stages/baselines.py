@@ -43,6 +43,7 @@ class MSMT(SharedNetStage):
 
 class MSST(SharedNetStage):
     name, baseline, per_task = "msst", True, True
+    keyed = ("msst_task",)
 
     @classmethod
     def configure(cls, cfg, task=None):
@@ -61,6 +62,7 @@ class MSST(SharedNetStage):
 
 class SSST(SharedNetStage):
     name, baseline = "ssst", True
+    keyed = ("ssst_source", "ssst_task")
 
     @classmethod
     def applies(cls, cfg):

@@ -39,6 +39,8 @@ class Stage(nn.Module):
     name: ClassVar[str] = ""
     baseline: ClassVar[bool] = False
     per_task: ClassVar[bool] = False
+    keyed: ClassVar[tuple[str, ...]] = ()
+    """The ``baselines`` settings it reads: a rerun retrains it when one of them changes."""
 
     @classmethod
     def applies(cls, cfg: RunConfig) -> bool:
