@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 class EmbeddedHome:
@@ -42,3 +43,13 @@ def embedded_home():
         os.environ.pop("XLEARNER_HOME", None)
     else:
         os.environ["XLEARNER_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core box: intra-op threads only add synchronisation stalls.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

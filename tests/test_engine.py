@@ -16,13 +16,7 @@ from xlearner.engine.checkpoint import checkpoint_path
 G = 8  # global batch per source
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops + a busy 2-core machine: intra-op threads only add spin-wait stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def make_batch(index: int, rank: int = 0, world: int = 1, seed: int = 0) -> dict:

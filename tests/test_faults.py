@@ -25,12 +25,7 @@ from xlearner.data.schema import BadSampleError
 from xlearner.data.sources import open_source
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def cli(*argv: str) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xlearner.config import RunConfig
+from xlearner.config import RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -27,12 +27,7 @@ def tiny_cfg(**extra) -> RunConfig:
         ],
         "train": {"steps": 2},
     }
-    for key, value in extra.items():
-        node = data
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
+    apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in extra.items()])  # JSON is YAML
     return RunConfig.model_validate(data)
 
 

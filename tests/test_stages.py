@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from xlearner.config import RunConfig
+from xlearner.config import RunConfig, apply_overrides
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 60, 220)}
 SIZE = 32
@@ -131,12 +131,7 @@ def tiny_config(root: Path, steps: int = STEPS, few: bool = False, **extra) -> R
     }
     if not few:  # "few" only serves the SSST choice: it costs a forward pass per step elsewhere
         data["sources"] = [s for s in data["sources"] if s["name"] != "few"]
-    for key, value in extra.items():
-        node = data
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
+    apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in extra.items()])  # JSON is YAML
     return RunConfig.model_validate(data)
 
 

@@ -16,13 +16,7 @@ COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
 CHANCE = 1 / len(COLORS)  # top-1 of a guess among the tiny cls classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation, which is ruinous on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 # ----------------------------------------------------------------------------- probe core

@@ -126,9 +126,10 @@ class Part:
 def part_done(part: Part) -> bool:
     """Finished with the same key (a train part: its model and a done run.json are there too)."""
     if part.kind == "train":
-        info = read_json(part.path / "part.json")
-        return bool(info and info.get("key") == part.key and (part.path / "model.safetensors").is_file()
-                    and (read_json(part.path / "run.json") or {}).get("status") == "done")
+        from xlearner.runs import is_run_dir, run_info
+
+        return ((read_json(part.path / "part.json") or {}).get("key") == part.key and is_run_dir(part.path)
+                and (run_info(part.path) or {}).get("status") == "done")
     marker = part.path.with_suffix(".json") if part.kind == "export" else part.path
     return (read_json(marker) or {}).get("key") == part.key and part.path.is_file()
 
@@ -307,13 +308,14 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
     write_text_atomic(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))
     ticks = {id(p): max(1, round(100 * p.weight)) for p in parts}  # integer ticks: the bar ends exactly at 100 %
     total = sum(ticks.values())
-    todo = [p for p in parts if not part_done(p)]
-    skipped = len(parts) - len(todo)
+    finished = {p.name for p in parts if part_done(p)}
+    todo = [p for p in parts if p.name not in finished]
+    skipped = len(finished)
     print(f"[xlearner run] {len(parts)} parts, {skipped} already finished and skipped, {len(todo)} to run")
     timings: dict[str, float] = {}
     with tqdm(total=total, desc="main job", unit="w", position=0,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}") as bar:
-        bar.update(sum(ticks[id(p)] for p in parts if p not in todo))
+        bar.update(sum(ticks[id(p)] for p in parts if p.name in finished))
         for part in todo:
             bar.set_description(f"main job [{part.name}]")
             tqdm.write(f"[xlearner run] -> {part.name}")

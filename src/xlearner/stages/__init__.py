@@ -18,6 +18,7 @@ import torch
 from xlearner import tasks
 from xlearner.config import RunConfig
 from xlearner.models.nets import count_parameters
+from xlearner.runs import RUN_JSON, WEIGHTS
 from xlearner.files import write_atomic, write_json_atomic
 from xlearner.stages.baselines import MSMT, MSST, SSST, Scratch
 from xlearner.stages.expansion import ExpansionStage
@@ -158,8 +159,8 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         **module.run_info(),
     }
     if main:
-        save_product(product, out_dir / "model.safetensors")
-        write_json_atomic(out_dir / "run.json", info)
+        save_product(product, out_dir / WEIGHTS)
+        write_json_atomic(out_dir / RUN_JSON, info)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
         print(f"[{stage}] done in {info['wall_s']:.1f}s: {steps} steps, {info['cost']['images_seen']} images, "
               f"{gflops:.2f} GFLOPs, backbone {backbone_params / 1e6:.2f}M params"

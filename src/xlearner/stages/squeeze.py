@@ -175,15 +175,14 @@ class SqueezeStage(NetStage):
             g_dir = resolve_generalist_dir(cfg.squeeze.generalist, run_dir.parent / "msmt" if run_dir is not None else None)
             generalist = load_generalist(g_dir)
             print(f"squeeze: generalist teacher {g_dir}", flush=True)
-        stage = cls(cfg, specs, teacher, generalist)
-        stage.teacher_dir = teacher_dir
-        return stage
+        return cls(cfg, specs, teacher, generalist, teacher_dir=teacher_dir)
 
-    def __init__(self, cfg: RunConfig, specs: list, teacher: nn.Module, generalist: nn.Module | None = None):
+    def __init__(self, cfg: RunConfig, specs: list, teacher: nn.Module, generalist: nn.Module | None = None,
+                 teacher_dir: Path | None = None):
         super().__init__(cfg, specs, build_student(cfg, specs, teacher))
         self.cfg = cfg
         self.tasks = tasks.present([s.task for s in specs])
-        self.teacher_dir: Path | None = None
+        self.teacher_dir = teacher_dir  # recorded in run.json
         sq = cfg.squeeze
         self.distill_weight = float(sq.distill_weight)
         self.kd_weight = float(sq.kd_weight)
