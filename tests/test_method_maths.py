@@ -218,3 +218,34 @@ def test_seg_loss_gradient_is_zero_at_ignored_pixels():
     seg_loss(logits, torch.tensor([[[0, 255], [1, 2]]])).backward()
     assert torch.equal(logits.grad[0, :, 0, 1], torch.zeros(3))
     assert float(logits.grad[0, :, 0, 0].abs().sum()) > 0
+
+
+def test_seg_loss_background_weight_is_weighted_mean_over_kept_pixels():
+    from xlearner.tasks import background_weights
+
+    logits = _randn(1, 3, 2, 2, seed=23)
+    masks = torch.tensor([[[0, 2], [255, 0]]])
+    weight = background_weights(3, 0.25)
+    assert weight.tolist() == [0.25, 1.0, 1.0] and background_weights(3, 1.0) is None
+    logp = logits.log_softmax(1)[0]
+    # by hand: two background pixels at weight 0.25, one class-2 pixel at 1; divided by 0.25 + 1 + 0.25
+    expected = -(0.25 * float(logp[0, 0, 0]) + float(logp[2, 0, 1]) + 0.25 * float(logp[0, 1, 1])) / 1.5
+    assert float(seg_loss(logits, masks, weight)) == pytest.approx(expected, rel=1e-5)
+    # the same as torch's weighted mean once the ignored pixel is gone
+    torch_mean = torch.nn.functional.cross_entropy(logits, masks, weight=weight, ignore_index=255)
+    assert float(seg_loss(logits, masks, weight)) == pytest.approx(float(torch_mean), rel=1e-5)
+    # all ignored: still 0 with the graph kept
+    zero = seg_loss(logits.requires_grad_(True), torch.full((1, 2, 2), 255), weight)
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_seg_background_weight_reaches_the_upstream_and_transfer_heads():
+    from xlearner.tasks import HeadOptions, get
+
+    seg = get("seg")
+    for head_kind in ("fpn", "linear"):
+        opts = HeadOptions(fpn_channels=8, seg_head=head_kind, seg_background_weight=0.1)
+        neck = seg.build_neck([4, 8], [4, 8], opts)
+        head = seg.build_head(neck, 5, [4, 8], [4, 8], opts)
+        assert head.class_weight.tolist() == pytest.approx([0.1, 1, 1, 1, 1])
+        assert "class_weight" not in head.state_dict()  # not saved: checkpoints stay loadable

@@ -311,6 +311,8 @@ class TransferConfig(_Strict):
     """Segmentation transfer head: FPN + Panoptic-FPN head, or a linear dense probe (frozen mode)."""
     det_head_convs: int = Field(4, ge=1)
     """Depth of the FCOS towers of the transfer detector (torchvision's default is 4)."""
+    seg_background_weight: float = Field(1.0, gt=0)
+    """Weight of class 0 (background) in the transfer segmentation cross-entropy."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
 
@@ -338,6 +340,9 @@ class RunConfig(_Strict):
     det_head_convs: int = Field(4, ge=1)
     """Conv layers of each upstream FCOS tower (classification and box); FCOS uses 4. The
     upstream heads are a training signal for the backbone and are not transferred."""
+    seg_background_weight: float = Field(1.0, gt=0)
+    """Weight of class 0 (background) in the upstream segmentation cross-entropy (mmseg's
+    ``class_weight``): below 1 where background covers most pixels and would drown the glyph classes."""
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     augment: AugmentSet = Field(default_factory=AugmentSet)
     """Per-task training augmentation; ``augment.of(task)``."""

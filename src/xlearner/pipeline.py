@@ -95,7 +95,7 @@ def _sections(cfg: RunConfig, *names: str) -> dict:
             for n in names}
 
 
-UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "backbone", "augment", "sources", "train")
+UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "seg_background_weight", "backbone", "augment", "sources", "train")
 
 
 @dataclass

@@ -32,6 +32,8 @@ class HeadOptions:
     """Task -> the largest image side of its sources (det: it picks FCOS's levels, ``heads.det_levels``)."""
     seg_head: str = "fpn"
     """``fpn``: Panoptic-FPN head on an FPN; ``linear``: linear dense probe on the raw features."""
+    seg_background_weight: float = 1.0
+    """Weight of class 0 (background) in the segmentation cross-entropy."""
 
 
 def image_size_of(images: Tensor) -> tuple[int, int]:
@@ -268,13 +270,27 @@ class DetTask(Task):
 
 
 # ----------------------------------------------------------------------------- seg
-def seg_loss(logits: Tensor, masks: Tensor) -> Tensor:
-    """Mean cross-entropy over the pixels not ignored; 0 (graph kept) when all are ignored.
-    Sum / count on the device: no host synchronisation to test for the all-ignored case."""
+def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy over the pixels not ignored, weighted by ``class_weight`` (K,) and divided by the
+    weights' sum (as ``F.cross_entropy``'s mean); 0 (graph kept) when all are ignored. Sum / weight on
+    the device: no host synchronisation to test for the all-ignored case."""
     if logits.shape[-2:] != masks.shape[-2:]:
         logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+    total = F.cross_entropy(logits, masks, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = masks != IGNORE_INDEX
+    if class_weight is None:
+        return total / valid.sum().clamp(min=1)
+    pixel_weight = class_weight.to(logits.dtype)[masks.masked_fill(~valid, 0)] * valid
+    return total / pixel_weight.sum().clamp(min=1e-12)
+
+
+def background_weights(num_classes: int, background_weight: float) -> Tensor | None:
+    """Per-class CE weights with class 0 (background) at ``background_weight``; None for 1 (plain CE)."""
+    if background_weight == 1.0:
+        return None
+    w = torch.ones(num_classes)
+    w[0] = background_weight
+    return w
 
 
 class SegTask(Task):
@@ -296,12 +312,13 @@ class SegTask(Task):
     def build_head(self, neck, num_classes, channels, strides, opts):
         from xlearner.models.heads import LinearSegHead, SegHead
 
+        weight = background_weights(num_classes, opts.seg_background_weight)
         if opts.seg_head == "linear":
-            return LinearSegHead(list(channels), num_classes, list(strides))
-        return SegHead(opts.fpn_channels, num_classes, list(strides))
+            return LinearSegHead(list(channels), num_classes, list(strides), class_weight=weight)
+        return SegHead(opts.fpn_channels, num_classes, list(strides), class_weight=weight)
 
     def loss(self, head, neck_out, batch):
-        return seg_loss(head(neck_out, image_size_of(batch["images"])), batch["masks"])
+        return seg_loss(head(neck_out, image_size_of(batch["images"])), batch["masks"], head.class_weight)
 
     def predict(self, head, neck_out, images):
         return head(neck_out, image_size_of(images))

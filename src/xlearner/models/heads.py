@@ -299,8 +299,11 @@ class SegHead(nn.Module):
     """Panoptic-FPN semantic head: every level is brought to the finest stride (4 for a ResNet) by (conv+GN+ReLU+2x up)
     blocks, the levels are summed, a 1x1 conv gives K logits, upsampled to the input size."""
 
-    def __init__(self, in_channels: int, num_classes: int, strides: list[int], hidden: int | None = None):
+    def __init__(self, in_channels: int, num_classes: int, strides: list[int], hidden: int | None = None,
+                 class_weight: Tensor | None = None):
         super().__init__()
+        # the loss's per-class weights travel with the head (a non-persistent buffer: not in checkpoints)
+        self.register_buffer("class_weight", class_weight, persistent=False)
         hidden = hidden or in_channels
         base = min(strides)
         self.base_stride = base
@@ -344,8 +347,10 @@ class LinearSegHead(nn.Module):
     frozen features hold, not on what a deep head can still learn on top of them.
     """
 
-    def __init__(self, in_channels_list: list[int], num_classes: int, strides: list[int]):
+    def __init__(self, in_channels_list: list[int], num_classes: int, strides: list[int],
+                 class_weight: Tensor | None = None):
         super().__init__()
+        self.register_buffer("class_weight", class_weight, persistent=False)
         self.base_stride = min(strides)
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels_list)
         self.classifiers = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in in_channels_list)

@@ -170,7 +170,8 @@ def head_options(cfg: RunConfig, specs) -> "tasks.HeadOptions":
     for s in cfg.sources:
         if s.name in names:
             sizes[s.task] = max(sizes.get(s.task, 0), cfg.size_of(s))
-    return tasks.HeadOptions(fpn_channels=cfg.fpn_channels, det_head_convs=cfg.det_head_convs, image_sizes=sizes)
+    return tasks.HeadOptions(fpn_channels=cfg.fpn_channels, det_head_convs=cfg.det_head_convs, image_sizes=sizes,
+                             seg_background_weight=cfg.seg_background_weight)
 
 
 def source_records(sources: Sequence[SourceConfig], datasets: dict) -> list[dict]:

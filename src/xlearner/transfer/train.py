@@ -105,7 +105,8 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
     dev = next(backbone.parameters()).device
     channels, strides = list(backbone.channels), list(backbone.strides)
     opts = HeadOptions(fpn_channels=fpn_channels, det_head_convs=tc.det_head_convs,
-                       image_sizes={task.name: size}, seg_head=tc.seg_head)
+                       image_sizes={task.name: size}, seg_head=tc.seg_head,
+                       seg_background_weight=tc.seg_background_weight)
     torch.manual_seed(seed)
     neck = task.build_neck(channels, strides, opts)
     head = task.build_head(neck, num_classes, channels, strides, opts)
