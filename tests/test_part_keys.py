@@ -95,6 +95,9 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     # a baseline's own choice re-keys that baseline only (and what it exports and transfers)
     ("baselines.ssst_source=mnist", {"ssst"} | _export_transfers("ssst")),
     ("baselines.imagenet=false", set()),  # no imagenet method in quick (not a MobileNetV2)
+    # the baselines' step count: every trained baseline, not X-Learner's stages nor scratch
+    ("baselines.steps=13", {n for m in ("ssst", "msst_cls", "msst_det", "msst_seg", "msmt")
+                            for n in {m} | _export_transfers(m)}),
     # report-only settings and the run's display name: nothing
     ("gates.separation_points=7", set()),
     ("gates.upstream.fashion=80", set()),

@@ -309,7 +309,9 @@ def test_squeeze_stage_module(expansion_run, data_root):
     ("msmt", ["colors", "shapes", "regions"]),
 ])
 def test_baselines_train(stage, sources, data_root, tmp_path):
-    cfg = tiny_config(data_root, few=stage == "ssst", **{"baselines.msst_task": "det"})
+    # a baseline trains for baselines.steps, not train.steps (X-Learner's per-stage steps)
+    cfg = tiny_config(data_root, steps=3, few=stage == "ssst",
+                      **{"baselines.msst_task": "det", "baselines.steps": STEPS})
     info, _ = _run(cfg, stage, tmp_path / stage)
     _assert_loss_falls(tmp_path / stage)
     state = _check_outputs(tmp_path / stage, info, stage)
@@ -329,7 +331,8 @@ def test_scratch_and_cli(data_root, tmp_path):
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["train", str(path), "--stage", "scratch", "--out", str(tmp_path / "scratch"), "train.steps=5"])
+        rc = main(["train", str(path), "--stage", "scratch", "--out", str(tmp_path / "scratch"), "train.steps=5",
+                   "baselines.steps=7"])
     assert rc == 0
     info = json.loads((tmp_path / "scratch" / "run.json").read_text())
     assert info["stage"] == "scratch" and info["cost"]["steps"] == 0 and info["cost"]["images_seen"] == 0

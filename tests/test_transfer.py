@@ -466,10 +466,22 @@ def test_engine_schedule_is_the_old_transfer_schedule():
     from xlearner.transfer.train import train_config
 
     for steps in (1, 5, 9, 10, 11, 20, 150, 199, 200, 201, 400):
-        warmup = train_config(TransferConfig(steps=steps), show_progress=False).warmup_steps
+        warmup = train_config(TransferConfig(steps=steps), "det", show_progress=False).warmup_steps
         assert warmup == min(20, steps // 10)
         assert [lr_factor(s, warmup, steps, 0.01) for s in range(steps)] == \
                [_old_cosine_lr(s, steps, warmup) for s in range(steps)]
+
+
+def test_task_steps_override_steps_for_their_task_only():
+    from xlearner.config import ConfigError, TransferConfig, load_config
+    from xlearner.transfer.train import train_config
+
+    tc = TransferConfig(steps=100, task_steps={"det": 300})
+    assert [train_config(tc, t, show_progress=False).steps for t in ("cls", "det", "seg")] == [100, 300, 100]
+    assert train_config(tc, "det", show_progress=False).warmup_steps == 20  # min(warmup_steps, steps // 10)
+    assert load_config("quick", ["transfer.task_steps={seg: 7}"]).transfer.steps_of("seg") == 7
+    with pytest.raises((ConfigError, ValueError), match="dett"):
+        load_config("quick", ["transfer.task_steps={dett: 7}"])
 
 
 @pytest.mark.parametrize("which,mode,steps", [("det", "frozen", 12), ("seg", "frozen", 6),

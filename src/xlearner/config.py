@@ -265,6 +265,10 @@ class BaselineConfig(_Strict):
     """Task of the SSST baseline (the supervised single-dataset model, e.g. ImageNet classification)."""
     msst_task: Task = "cls"
     """Task whose sources MSST trains on (`xlearner run` trains MSST for every task)."""
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps of every trained baseline (None: ``train.steps``). X-Learner trains its
+    sources in two stages of ``train.steps`` (expansion, then squeeze); ``2 * train.steps`` gives
+    each baseline as many batches of each of its sources as X-Learner sees in all."""
     imagenet: bool = True
     """`xlearner run` transfers torchvision's ImageNet MobileNetV2 untouched as the method ``imagenet``
     (no training stage; its ImageNet pretraining is an external cost) when ``backbone.name`` is
@@ -286,6 +290,8 @@ class TransferConfig(_Strict):
     steps: int = Field(150, ge=1)
     """Optimizer steps for det/seg heads and cls fine-tune (frozen and finetune modes run on the
     engine's ``fit``: AdamW, linear warmup then cosine; the fields from ``lr`` to ``backbone_lr_factor``)."""
+    task_steps: dict[Task, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    """Per-task overrides of ``steps``, e.g. ``{det: 300}``: FCOS heads converge more slowly than seg heads."""
     lr: float = 2e-3
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup, applied as ``min(warmup_steps, steps // 10)`` steps (none below 10 steps)."""
@@ -315,6 +321,9 @@ class TransferConfig(_Strict):
     """Weight of class 0 (background) in the transfer segmentation cross-entropy."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
+
+    def steps_of(self, task: str) -> int:
+        return self.task_steps.get(task, self.steps)
 
 
 class GatesConfig(_Strict):

@@ -218,7 +218,7 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         xlearner_parts(f"ablations/{ablation}/", acfg, f"xlearner[{ablation}]",
                        direct=ablation == "expansion_direct")
 
-    # --- baselines on the same engine and step budget (the registry's baseline stages) ------
+    # --- baselines on the same engine, for baselines.steps (the registry's baseline stages) -----
     for stage_cls in STAGES.values():
         if not stage_cls.baseline or not stage_cls.applies(cfg):
             continue
@@ -240,7 +240,7 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
     # --- export + transfer -------------------------------------------------------------------
     # transfer_one reads these sections (fpn_channels: the transfer necks; augment: fine-tuning)
     transfer_sections = _sections(cfg, "transfer", "seed", "fpn_channels", "augment")
-    transfer_weight = 0.05 * cfg.transfer.seeds * max(1, cfg.transfer.steps / 10)
+    transfer_weight = 0.05 * cfg.transfer.seeds * max(1, max([cfg.transfer.steps, *cfg.transfer.task_steps.values()]) / 10)
     for method, (dirname, stage_key, branch) in backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
         bb_key = _key("export", stage_key, branch)

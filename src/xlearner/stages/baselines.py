@@ -1,4 +1,4 @@
-"""Baselines on the same engine, backbone architecture and number of optimizer steps.
+"""Baselines on the same engine and backbone architecture, for ``baselines.steps`` optimizer steps.
 
 - ``ssst``: single source, single task: ``baselines.ssst_source``, or the cls source with
   the most training images;
@@ -29,6 +29,12 @@ def build_shared_net(cfg: RunConfig, specs: list) -> nn.Module:
 class SharedNetStage(NetStage):
     """One backbone shared by every source of the stage."""
 
+    keyed = ("steps",)
+
+    @classmethod
+    def steps(cls, cfg):
+        return cfg.baselines.steps or cfg.train.steps
+
     @classmethod
     def build(cls, cfg, specs, run_dir=None):
         return cls(cfg, specs, build_shared_net(cfg, specs))
@@ -43,7 +49,7 @@ class MSMT(SharedNetStage):
 
 class MSST(SharedNetStage):
     name, baseline, per_task = "msst", True, True
-    keyed = ("msst_task",)
+    keyed = ("msst_task", "steps")
 
     @classmethod
     def configure(cls, cfg, task=None):
@@ -62,7 +68,7 @@ class MSST(SharedNetStage):
 
 class SSST(SharedNetStage):
     name, baseline = "ssst", True
-    keyed = ("ssst_source", "ssst_task")
+    keyed = ("ssst_source", "ssst_task", "steps")
 
     @classmethod
     def applies(cls, cfg):
@@ -87,6 +93,7 @@ class Scratch(SharedNetStage):
     """Random initialisation, saved untrained: what every gain is measured against."""
 
     name, baseline = "scratch", True
+    keyed = ()
 
     @classmethod
     def steps(cls, cfg):

@@ -175,7 +175,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
         "seeds": seed_list, "scores": scores, "mean": mean(scores), "std": sample_std(scores), "extra": extra,
         "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
         "backbone_params": n_params, "num_train": len(train), "num_test": len(test),
-        "image_size": size, "steps": tc.steps if mode != "linear" else None, "eval_split": tc.eval_split,
+        "image_size": size, "steps": tc.steps_of(task.name) if mode != "linear" else None, "eval_split": tc.eval_split,
         "wall_s": round(time.time() - t0, 2),
     }
 

@@ -62,9 +62,9 @@ class TransferNet(nn.Module):
         return self.task.predict(self.head, self.neck(self.features(batch)), batch["images"])[:n]
 
 
-def train_config(tc: TransferConfig, show_progress: bool = True) -> TrainConfig:
-    """The engine's settings for a transfer run (fp32 on every device, as transfer always ran)."""
-    steps = tc.steps
+def train_config(tc: TransferConfig, task: str, show_progress: bool = True) -> TrainConfig:
+    """The engine's settings for a transfer run of ``task`` (fp32 on every device, as transfer always ran)."""
+    steps = tc.steps_of(task)
     return TrainConfig(steps=steps, optimizer="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
                        warmup_steps=min(tc.warmup_steps, steps // 10), min_lr_ratio=tc.min_lr_ratio,
                        clip_grad=tc.clip_grad, amp="fp32", channels_last=False, compile=False, num_workers=0,
@@ -76,7 +76,7 @@ def fit_transfer(net: TransferNet, batches: Iterator[dict], tc: TransferConfig, 
                  show_progress: bool = True) -> float | None:
     """Train ``net`` on ``batches`` with the engine (no run folder, this process alone, the RNGs as
     the caller seeded them); returns the last step's loss."""
-    res = fit(net, batches, train_config(tc, show_progress), None, seed=None, device=device,
+    res = fit(net, batches, train_config(tc, net.task.name, show_progress), None, seed=None, device=device,
               lr_scales={"backbone": tc.backbone_lr_factor}, decay_1d=tc.decay_norms_and_biases,
               distributed=False)
     return res.last_losses.get("loss")
