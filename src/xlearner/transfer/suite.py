@@ -120,13 +120,16 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
 
     train = subset(build_source(src, "train"), tc.max_train_samples, seed=src.split_seed)
     test = build_source(src, tc.eval_split)  # "val" only while tuning: test is touched once
+    # what names each split's content, for the eval batches every method of a run shares
+    data_key = (src.model_dump_json(), tc.max_train_samples)
+    keys = {split: (*data_key, split) for split in ("train", "val", tc.eval_split)}
     num_classes = int(getattr(train, "num_classes", None) or len(train.class_names))
     augment = cfg.augment.of(task.name)
     if tc.adapt_bn and mode in ("linear", "frozen"):
         from xlearner.transfer.features import adapt_batchnorm
 
         adapt_batchnorm(backbone, train, task.name, size, max(tc.batch_size, 64), show_progress,
-                        resize=src.resize_mode)
+                        resize=src.resize_mode, key=keys["train"])
 
     scores: list[float] = []
     extra: dict[str, list] = {}
@@ -139,9 +142,9 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
 
         val = build_source(src, "val")
         bs = max(tc.batch_size, 64)
-        ftr = extract_pooled(backbone, train, size, bs, show_progress, "features (train)")
-        fv = extract_pooled(backbone, val, size, bs, show_progress, "features (val)")
-        fte = extract_pooled(backbone, test, size, bs, show_progress, "features (test)")
+        ftr = extract_pooled(backbone, train, size, bs, show_progress, "features (train)", key=keys["train"])
+        fv = extract_pooled(backbone, val, size, bs, show_progress, "features (val)", key=keys["val"])
+        fte = extract_pooled(backbone, test, size, bs, show_progress, "features (test)", key=keys[tc.eval_split])
         for s in seed_list:
             # a deterministic probe: what varies with the seed is its training sample (80% of train)
             fs = _subsample(ftr, seed=s) if len(seed_list) > 1 else ftr
@@ -160,7 +163,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
             r = transfer_trained(task, backbone, train, test, num_classes, tc, mode=mode, seed=s,
                                  fpn_channels=cfg.fpn_channels, size=size, augment=augment, cache=cache,
                                  show_progress=show_progress, resize=src.resize_mode,
-                                 original=src.scored_as_published)
+                                 original=src.scored_as_published, keys=(keys["train"], keys[tc.eval_split]))
             scores.append(r[task.metric])
             for key, value in r.items():  # det AP50 (AP75, APs, APm, APl); seg pixel_acc (per_class_iou)
                 if key not in (task.metric, "final_loss"):

@@ -96,10 +96,12 @@ def _loader_batches(loader) -> Iterator[dict]:
 
 def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_classes: int, tc: TransferConfig, *,
                      mode: str, seed: int, fpn_channels: int, size: int, augment=None, cache: dict | None = None,
-                     show_progress: bool = True, resize: str = "square", original: bool = False) -> dict[str, Any]:
+                     show_progress: bool = True, resize: str = "square", original: bool = False,
+                     keys: tuple[tuple | None, tuple | None] = (None, None)) -> dict[str, Any]:
     """Train ``task``'s neck + head (``frozen``) or the whole network (``finetune``) on ``train_ds``,
     score ``test_ds``; see the module docstring. ``cache`` (frozen mode): a dict reused across
-    seeds holding the precomputed train/test maps."""
+    seeds holding the precomputed train/test maps. ``keys``: the train and test sets' keys for
+    ``features.eval_batches`` (frozen mode)."""
     if mode not in ("frozen", "finetune"):
         raise ValueError(f"{task.name} transfer mode must be frozen or finetune, got {mode!r}")
     dev = next(backbone.parameters()).device
@@ -117,7 +119,8 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
         freeze(backbone)
         cache = cache if cache is not None else {}
         if "train" not in cache:
-            cache["train"] = precompute_maps(backbone, train_ds, desc=f"{task.name} features (train)", **maps_of)
+            cache["train"] = precompute_maps(backbone, train_ds, desc=f"{task.name} features (train)",
+                                             key=keys[0], **maps_of)
         net = TransferNet(task, None, neck, head)
         final_loss = fit_transfer(net, _cached_batches(cache["train"], bs, seed), tc, dev, show_progress)
     else:
@@ -140,7 +143,7 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
     if mode == "frozen":
         if "test" not in cache:
             cache["test"] = precompute_maps(backbone, test_ds, desc=f"{task.name} features (test)",
-                                            original=original, **maps_of)
+                                            original=original, key=keys[1], **maps_of)
         maps, entries = cache["test"]["maps"], cache["test"]["entries"]
         for i in range(0, len(entries["images"]), EVAL_BATCH):
             part = slice(i, i + EVAL_BATCH)
