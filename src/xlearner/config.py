@@ -323,6 +323,7 @@ class TransferConfig(_Strict):
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
 
     def steps_of(self, task: str) -> int:
+        """The optimizer steps of a trained transfer to a ``task`` dataset."""
         return self.task_steps.get(task, self.steps)
 
 

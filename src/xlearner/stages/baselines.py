@@ -49,7 +49,7 @@ class MSMT(SharedNetStage):
 
 class MSST(SharedNetStage):
     name, baseline, per_task = "msst", True, True
-    keyed = ("msst_task", "steps")
+    keyed = SharedNetStage.keyed + ("msst_task",)
 
     @classmethod
     def configure(cls, cfg, task=None):
@@ -68,7 +68,7 @@ class MSST(SharedNetStage):
 
 class SSST(SharedNetStage):
     name, baseline = "ssst", True
-    keyed = ("ssst_source", "ssst_task", "steps")
+    keyed = SharedNetStage.keyed + ("ssst_source", "ssst_task")
 
     @classmethod
     def applies(cls, cfg):
@@ -93,7 +93,7 @@ class Scratch(SharedNetStage):
     """Random initialisation, saved untrained: what every gain is measured against."""
 
     name, baseline = "scratch", True
-    keyed = ()
+    keyed = ()  # never trained: baselines.steps does not change it
 
     @classmethod
     def steps(cls, cfg):
