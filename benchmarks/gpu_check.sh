@@ -1,45 +1,51 @@
 #!/usr/bin/env bash
-# GPU check of issue 9, for a GPU machine WITHOUT network (Python 3.12, torch 2.11 present).
+# GPU check of issue 9, for a GPU machine WITHOUT network (Python 3.12, torch 2.11 present), in
+# ONE command of at most BUDGET seconds (default 560; the device tool allows 600 a command).
 # Installs nothing from the network: it uses .offline/ made beforehand, on a machine with the
 # registries, by ../shared/gpu/bundle.sh (wheels for pycocotools/pydantic, the data cache as xz).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else gpu_check_out)
 #
-# Writes every figure to OUT_DIR:
-#   env.txt                    nvidia-smi, Python, torch, CUDA
-#   bench_stages.txt/.json     benchmarks/bench_stages.py on CUDA at the gpu preset's shapes
-#   bench_loader.txt           loader samples/s with 1, 2, 6, 14 workers
-#   run.log, run/              the full `gpu` preset (every stage, transfer, 3 seeds), its report
-#   dmon_*.txt                 nvidia-smi dmon samples (1 s) during each part
-#   summary.txt                wall times and SM utilisation (mean, median) per part
-# Parts can be skipped: SKIP_BENCH=1, SKIP_LOADER=1, SKIP_RUN=1. RUN_TIMEOUT (s, default 560)
-# bounds the preset run (its wall time is then reported as "timed out"). Where one command may
-# run 10 minutes at most, call it twice into the same OUT_DIR (the summary covers both):
-#   SKIP_RUN=1 benchmarks/gpu_check.sh "$OUT"                  # benchmarks, about 3-4 minutes
-#   SKIP_BENCH=1 SKIP_LOADER=1 benchmarks/gpu_check.sh "$OUT"  # the preset, at most RUN_TIMEOUT
+# In order, each under nvidia-smi dmon (SM utilisation, 1 s samples):
+#   1. benchmarks/bench_stages.py on CUDA at the preset's shapes      (at most 150 s)
+#   2. `xlearner run --preset $PRESET` (default gpu): every stage, every transfer, 3 seeds
+#      (at most what is left of BUDGET less 15 s; a run cut short says "timed out")
+#   3. benchmarks/bench_loader.py with 1, 2, 6, 14 workers            (with what is left)
+# OUT_DIR gets at most 8 files (what the device tool brings back): summary.txt (wall time and
+# SM utilisation per part, the ratios, the run's per-part times), env.txt, bench_stages.txt,
+# run.log, report.md, figures.tgz (dmon samples, bench_loader.txt, bench_stages.json and the
+# run's small files: results.json, timings.json, logs; no checkpoints).
+# SKIP_BENCH=1, SKIP_RUN=1, SKIP_LOADER=1 skip parts; PRESET and RUN_OVERRIDES change the run.
 set -uo pipefail
+T_START=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DEST="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$DEST"
 DEST="$(cd "$DEST" && pwd)"
+WORK=/tmp/gpu_check_work
+rm -rf "$WORK"; mkdir -p "$WORK"
 PY="${PYTHON:-python3}"
+BUDGET="${BUDGET:-560}"
+PRESET="${PRESET:-gpu}"
+left() { echo $(( BUDGET - ($(date +%s) - T_START) )); }
 
 # --- offline set-up -----------------------------------------------------------------------
 [ -d .offline/wheels ] && [ -f .offline/xlhome.txz ] || {
   echo "no .offline/ bundle: run ../shared/gpu/bundle.sh on a machine with the registries first"; exit 2; }
 SITE=/tmp/xl_site
 mkdir -p "$SITE"
-"$PY" -m pip install -q --no-index --no-deps --target "$SITE" .offline/wheels/*.whl 2>&1 | tail -2
+"$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .offline/wheels/*.whl 2>&1 | tail -2
 [ -d /tmp/xlhome ] || tar xJf .offline/xlhome.txz -C /tmp
 export XLEARNER_HOME=/tmp/xlhome PYTHONPATH="$SITE:$ROOT/src" PYTHONUNBUFFERED=1
 
-{ date -u; nvidia-smi; "$PY" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; nproc; } > "$DEST/env.txt" 2>&1
+{ date -u; git log -1 --format='commit %h %s' 2>/dev/null; nvidia-smi; "$PY" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"; echo "cores $(nproc)"; } > "$DEST/env.txt" 2>&1
 cat "$DEST/env.txt"
+echo "set-up took $(( $(date +%s) - T_START )) s"
 
 DMON_PID=""
 dmon_start() {  # SM / memory utilisation every second, with timestamps
-  nvidia-smi dmon -s u -d 1 -o T > "$DEST/dmon_$1.txt" 2>&1 &
+  nvidia-smi dmon -s u -d 1 -o T > "$WORK/dmon_$1.txt" 2>&1 &
   DMON_PID=$!
 }
 dmon_stop() { [ -n "$DMON_PID" ] && kill "$DMON_PID" 2>/dev/null; wait "$DMON_PID" 2>/dev/null; DMON_PID=""; }
@@ -47,37 +53,51 @@ trap dmon_stop EXIT
 
 part() {  # part NAME TIMEOUT_S COMMAND... : run under dmon, tee to NAME.txt, note the wall time
   local name=$1 limit=$2; shift 2
-  echo "=== $name: $*"
+  if [ "$limit" -lt 20 ]; then echo "=== $name: skipped, $limit s left"; return; fi
+  echo "=== $name (at most $limit s): $*"
   dmon_start "$name"
   local t0=$(date +%s.%N)
-  timeout "$limit" "$@" 2>&1 | tee "$DEST/$name.txt"
+  timeout "$limit" "$@" 2>&1 | tee "$WORK/$name.txt"
   local rc=${PIPESTATUS[0]}
   local wall
   wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
   [ "$rc" = 124 ] && wall="$wall (timed out)"
   [ "$rc" != 0 ] && [ "$rc" != 124 ] && wall="$wall (exit $rc)"
-  echo "$wall" > "$DEST/wall_$name.txt"
+  echo "$wall" > "$WORK/wall_$name.txt"
   dmon_stop
 }
 
-[ "${SKIP_BENCH:-0}" = 1 ] || part bench_stages 200 "$PY" benchmarks/bench_stages.py --preset gpu --steps 10 --rounds 2 \
-  --json "$DEST/bench_stages.json"
-[ "${SKIP_LOADER:-0}" = 1 ] || part bench_loader 150 "$PY" benchmarks/bench_loader.py --workers 1,2,6,14 --batches 30 --batch-size 64
-[ "${SKIP_RUN:-0}" = 1 ] || part run "${RUN_TIMEOUT:-560}" "$PY" -m xlearner.cli run --preset gpu --out "$DEST/run"
-[ -f "$DEST/run.txt" ] && mv "$DEST/run.txt" "$DEST/run.log"
+BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
+[ "${SKIP_BENCH:-0}" = 1 ] || part bench_stages "$BENCH_LIMIT" "$PY" benchmarks/bench_stages.py --preset "$PRESET" \
+  --steps 10 --rounds 2 --json "$WORK/bench_stages.json"
+# shellcheck disable=SC2086
+[ "${SKIP_RUN:-0}" = 1 ] || part run $(( $(left) - 15 )) "$PY" -m xlearner.cli run --preset "$PRESET" --out "$WORK/run" \
+  ${RUN_OVERRIDES:-}
+[ "${SKIP_LOADER:-0}" = 1 ] || part bench_loader $(( $(left) - 8 )) "$PY" benchmarks/bench_loader.py --workers 1,2,6,14 \
+  --batches 30 --batch-size 64
 
 # --- summary: wall time and SM utilisation per part ----------------------------------------
 {
-  echo "gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
-  for name in bench_stages bench_loader run; do
-    [ -f "$DEST/dmon_$name.txt" ] || continue
+  echo "gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)," \
+       "preset $PRESET, $(git log -1 --format=%h 2>/dev/null)"
+  for name in bench_stages run bench_loader; do
+    [ -f "$WORK/wall_$name.txt" ] || continue
     # dmon -o T columns: time gpu sm mem enc dec ...; skip the '#' header lines (plain awk: no asort)
-    awk '!/^#/ && NF >= 4 && $3 ~ /^[0-9]+$/ {print $3}' "$DEST/dmon_$name.txt" | sort -n |
-      awk -v n="$name" -v w="$(cat "$DEST/wall_$name.txt" 2>/dev/null || echo ?)" '{v[++c]=$1; s+=$1}
+    awk '!/^#/ && NF >= 4 && $3 ~ /^[0-9]+$/ {print $3}' "$WORK/dmon_$name.txt" 2>/dev/null | sort -n |
+      awk -v n="$name" -v w="$(cat "$WORK/wall_$name.txt")" '{v[++c]=$1; s+=$1}
         END {if (!c) {print n ": wall " w " s, no dmon samples"; exit}
              m = (c % 2) ? v[(c+1)/2] : (v[c/2] + v[c/2+1]) / 2
              printf "%s: wall %s s, SM utilisation mean %.0f %%, median %.0f %% (%d samples)\n", n, w, s/c, m, c}'
   done
-  [ -f "$DEST/bench_stages.txt" ] && grep -E "^ratios" "$DEST/bench_stages.txt"
-  [ -f "$DEST/run.log" ] && grep -E "^\[[a-z_]+\] done in|main job|report" "$DEST/run.log" | tail -20
+  [ -f "$WORK/bench_stages.txt" ] && grep -E "^ratios" "$WORK/bench_stages.txt"
+  [ -f "$WORK/run/timings.json" ] && { echo "run timings.json:"; cat "$WORK/run/timings.json"; echo; }
+  [ -f "$WORK/run.txt" ] && grep -E "done in|Can this run" "$WORK/run.txt" | tail -30
 } | tee "$DEST/summary.txt"
+
+# --- what comes back: at most 8 files -------------------------------------------------------
+[ -f "$WORK/bench_stages.txt" ] && cp "$WORK/bench_stages.txt" "$DEST/"
+[ -f "$WORK/run.txt" ] && cp "$WORK/run.txt" "$DEST/run.log"
+[ -f "$WORK/run/report.md" ] && cp "$WORK/run/report.md" "$DEST/"
+( cd "$WORK" && find . -type f \( -name '*.txt' -o -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.yaml' \) \
+    -size -4M | tar czf "$DEST/figures.tgz" -T - )
+ls -la "$DEST"

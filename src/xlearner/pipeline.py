@@ -312,7 +312,7 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
     todo = [p for p in parts if p.name not in finished]
     skipped = len(finished)
     print(f"[xlearner run] {len(parts)} parts, {skipped} already finished and skipped, {len(todo)} to run")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = read_json(out / "timings.json") or {}
     with tqdm(total=total, desc="main job", unit="w", position=0,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}") as bar:
         bar.update(sum(ticks[id(p)] for p in parts if p.name in finished))
@@ -322,10 +322,9 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
             t = time.time()
             run_part(part, cfg)
             timings[part.name] = round(time.time() - t, 1)
+            tqdm.write(f"[xlearner run] <- {part.name}: {timings[part.name]:.1f} s")
+            write_json_atomic(out / "timings.json", timings)  # after every part: a run cut short keeps its times
             bar.update(ticks[id(part)])
-    prior = read_json(out / "timings.json") or {}
-    prior.update(timings)
-    write_json_atomic(out / "timings.json", prior)
     report = write_report(out)
     print(f"[xlearner run] done in {time.time() - t0:.0f} s; report: {report}")
     from xlearner.report import print_gate_failures
