@@ -208,3 +208,22 @@ def test_det_head_losses_and_detect():
 def test_seg_head_logits_shape():
     feats = _fpn_feats()
     assert SegHead(32, 6, [4, 8, 16, 32])(feats, (64, 64)).shape == (2, 6, 64, 64)
+
+
+def test_resize_bilinear_channels_last_path_matches_nchw_in_values_and_gradients():
+    """The channels_last path (taken on CUDA for speed) computes the same resize as the NCHW one."""
+    from xlearner.models.heads import Upsample2x, resize_bilinear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 6, 7)
+    outs, grads = [], []
+    for cl in (False, True):
+        xi = x.clone().requires_grad_(True)
+        y = resize_bilinear(xi, size=(13, 11), channels_last=cl)
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl
+        (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
+        outs.append(y.detach().contiguous())
+        grads.append(xi.grad)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-5)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.equal(Upsample2x()(x), ref)  # on CPU: the NCHW path, bit-identical to nn.Upsample

@@ -275,7 +275,9 @@ def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None) 
     weights' sum (as ``F.cross_entropy``'s mean); 0 (graph kept) when all are ignored. Sum / weight on
     the device: no host synchronisation to test for the all-ignored case."""
     if logits.shape[-2:] != masks.shape[-2:]:
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        from xlearner.models.heads import resize_bilinear
+
+        logits = resize_bilinear(logits, size=masks.shape[-2:])
     total = F.cross_entropy(logits, masks, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = masks != IGNORE_INDEX
     if class_weight is None:

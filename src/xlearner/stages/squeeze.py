@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from xlearner import tasks
 from xlearner.config import ConfigError, RunConfig
+from xlearner.models.heads import resize_bilinear
 from xlearner.stages.common import estimate_bn_statistics, head_options
 from xlearner.stages.expansion import build_expanded_net
 from xlearner.stages.stage import NetStage
@@ -101,7 +102,7 @@ def _dirac_conv(channels: int, out_channels: int | None = None) -> nn.Conv2d:
 def feature_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean over pixels of the squared distance of the channel-L2-normalised maps (= 2 - 2 cos)."""
     if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        student = resize_bilinear(student, size=teacher.shape[-2:])
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.float(), dim=1)
     return (s - t).pow(2).sum(1).mean()
@@ -113,7 +114,7 @@ def cosine_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     Unlike ``l2`` (per pixel, every pixel weighs the same), pixels with larger teacher
     activations weigh more; in [0, 2]."""
     if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        student = resize_bilinear(student, size=teacher.shape[-2:])
     return (1 - F.cosine_similarity(student.float().flatten(1), teacher.float().flatten(1), dim=1)).mean()
 
 
@@ -123,7 +124,7 @@ def cka_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     With X (n, c) and Y (n, d) column-centred, CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F):
     invariant to rotations and isotropic scaling of either side; in [0, 1]."""
     if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        student = resize_bilinear(student, size=teacher.shape[-2:])
     x = student.float().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
     y = teacher.float().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
     x = x - x.mean(0, keepdim=True)
