@@ -1,6 +1,7 @@
 """The main job end to end on the `quick` preset, and its skipping of finished parts on a rerun."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,11 @@ def test_quick_main_job_completes_then_skips_every_finished_part(tmp_path, embed
     assert report.splitlines()[4].startswith("**Can this run rank backbones? NO")
     assert "gate failed: separation" in first.stdout
     assert (out / "plots" / "gains.png").is_file()
+    # every part's wall time is printed as it ends and kept in timings.json (written after every part)
+    n_parts = int(re.search(r"\[xlearner run\] (\d+) parts", first.stdout).group(1))
+    timings = json.loads((out / "timings.json").read_text())
+    assert len(timings) == n_parts == first.stdout.count("[xlearner run] <- ")
+    assert all(v >= 0 for v in timings.values()) and timings["expansion"] > 0
 
     # a second invocation skips every finished part
     second = _run(out, home)
@@ -60,3 +66,5 @@ def test_quick_main_job_completes_then_skips_every_finished_part(tmp_path, embed
     assert third.returncode == 0, third.stderr[-3000:]
     assert "1 to run" in third.stdout
     assert (out / "transfer" / "msmt" / f"{datasets[0]}.json").is_file()
+    assert third.stdout.count("[xlearner run] <- ") == 1  # the rerun part's time joins the earlier ones
+    assert set(json.loads((out / "timings.json").read_text())) == set(timings)
