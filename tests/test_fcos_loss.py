@@ -94,3 +94,41 @@ def test_det_neck_outputs_and_every_parameter_learns(size, shapes):
     # every parameter gets a gradient (DDP without find_unused_parameters), and so does C5
     assert all(p.grad is not None for p in [*neck.parameters(), *head.parameters()])
     assert feats[0].grad is None and feats[-1].grad is not None and feats[-1].grad.abs().sum() > 0
+
+
+def test_giou_loss_equals_torchvision_in_values_and_gradients():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from xlearner.models.heads import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = 20 * torch.rand(200, 2, generator=g)
+    a = torch.cat([xy, xy + 1 + 10 * torch.rand(200, 2, generator=g)], 1)
+    b = a + 8 * torch.randn(200, 4, generator=g)
+    b[:, 2:] = torch.maximum(b[:, 2:], b[:, :2] + 0.5)
+    b[:20] = a[:20] + torch.tensor([30.0, 0, 30, 0])  # apart: no overlap
+    b[20:30, 0] = a[20:30, 2]                         # touching edges: zero overlap, on the mask's boundary
+    b[20:30, 2] = b[20:30, 0] + 3
+    grads = []
+    for fn in (lambda p, q: generalized_box_iou_loss(p, q, reduction="none"), giou_loss):
+        p, q = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        loss = fn(p, q)
+        (loss * torch.linspace(0.5, 2, 200)).sum().backward()
+        grads.append((loss.detach(), p.grad, q.grad))
+    for ref, ours in zip(grads[0], grads[1]):
+        assert torch.allclose(ref, ours, atol=1e-6)
+
+
+def test_det_loss_runs_no_operator_that_waits_for_the_device():
+    """nonzero (boolean-mask indexing) and item() make the host wait for the GPU in every step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    head, outputs, anchors, per_level, targets = _random_case(1, 96, [8, 16, 32, 64, 128], num_classes=5, batch=4)
+    outs = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        boxes, labels = pad_targets(targets, anchors.device)
+        matched = fcos_match(anchors, per_level, boxes, labels, head.center_sampling_radius)
+        sum(fcos_loss(outs, anchors, matched, boxes, labels, head.box_coder).values()).backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mul" in ops  # the profiler saw the loss
+    assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, ops

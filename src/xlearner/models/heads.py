@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import FeaturePyramidNetwork, sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 
@@ -172,11 +172,27 @@ def fcos_match(anchors: Tensor, num_anchors_per_level: list[int], boxes: Tensor,
     return torch.where(best < 1e-5, torch.full_like(idx, -1), idx)
 
 
+def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """torchvision's ``generalized_box_iou_loss`` (reduction "none"), float32 boxes, without its
+    boolean-mask indexing: torchvision writes the intersection as ``inter[mask] = ...``, a
+    ``nonzero`` whose output size the host must read, so every det step on CUDA waited for the
+    GPU there. ``relu`` of the overlap gives the same values and the same gradients (zero
+    where the boxes do not overlap, as the mask gives)."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    inter = F.relu(torch.min(x2, x2g) - torch.max(x1, x1g)) * F.relu(torch.min(y2, y2g) - torch.max(y1, y1g))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - ((area_c - union) / (area_c + eps)))
+
+
 def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor,
               box_coder) -> dict[str, Tensor]:
     """torchvision FCOSHead.compute_loss over the batch at once: sigmoid focal loss, GIoU loss and
     centerness BCE, each summed and divided by max(1, foreground count). Masked sums instead of
-    boolean indexing, and the count stays on the device: no host synchronisation."""
+    boolean indexing (here and in :func:`giou_loss`), and the count stays on the device: no host
+    synchronisation."""
     cls_logits = head_outputs["cls_logits"].float()                       # (B, A, K)
     bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
     ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
@@ -192,7 +208,7 @@ def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor,
     pred_boxes = box_coder.decode(bbox_regression, anchors_b)
     # background locations get their own anchor as target: finite terms, masked out below
     safe_boxes = torch.where(fg[..., None], gt_boxes, anchors_b)
-    loss_reg = (generalized_box_iou_loss(pred_boxes, safe_boxes, reduction="none") * fg).sum()
+    loss_reg = (giou_loss(pred_boxes, safe_boxes) * fg).sum()
     reg_targets = box_coder.encode(anchors_b, safe_boxes)
     lr, tb = reg_targets[..., [0, 2]], reg_targets[..., [1, 3]]
     gt_ctr = torch.sqrt((lr.amin(dim=-1) / lr.amax(dim=-1)) * (tb.amin(dim=-1) / tb.amax(dim=-1)))
