@@ -20,6 +20,7 @@ the median window is used. Rounds rotate the order of the stages.
 
     python benchmarks/bench_stages.py [--preset default] [--steps 10] [--rounds 3] [--stages msst_det,...]
     python benchmarks/bench_stages.py --profile msst_det   # torch.profiler table of one stage's step
+    python benchmarks/bench_stages.py --preset gpu train.compile=true   # stage and plain through torch.compile
 """
 from __future__ import annotations
 
