@@ -96,6 +96,13 @@ BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
   [ -f "$WORK/bench_stages.txt" ] && grep -E "^ratios" "$WORK/bench_stages.txt"
   [ -f "$WORK/bench_compile.txt" ] && grep -E "^ratios" "$WORK/bench_compile.txt" | sed 's/^/compiled: /'
   [ -f "$WORK/run/timings.json" ] && { echo "run timings.json:"; cat "$WORK/run/timings.json"; echo; }
+  [ -d "$WORK/run" ] && "$PY" -c '
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*/run.json")):
+    r = json.loads(f.read_text())
+    if "fit_eval_s" in r:
+        print("%s: wall %.1f s, validation %.1f s, training %.0f images/s"
+              % (f.parent.name, r["wall_s"], r["fit_eval_s"], r["train_images_per_s"]))' "$WORK/run"
   [ -f "$WORK/run.txt" ] && grep -E "done in|Can this run" "$WORK/run.txt" | tail -30
 } | tee "$DEST/summary.txt"
 

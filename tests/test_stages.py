@@ -171,6 +171,9 @@ def _check_outputs(out: Path, info: dict, stage: str) -> dict[str, torch.Tensor]
     assert on_disk["stage"] == stage and on_disk["status"] == "done"
     assert set(on_disk["cost"]) >= {"images_seen", "gflops", "backbone_params", "steps"}
     assert on_disk["digest"] == RunConfig.model_validate(on_disk["config"]).digest()
+    # the stage's time split: validation (with precise BN) inside the fit, training throughput
+    assert 0 < on_disk["fit_eval_s"] < on_disk["fit_wall_s"] <= on_disk["wall_s"]
+    assert on_disk["train_images_per_s"] > 0
     for s in on_disk["sources"]:
         assert set(s) == {"name", "task", "num_classes", "class_names"}
         assert len(s["class_names"]) == s["num_classes"]

@@ -59,6 +59,8 @@ class FitResult:
     """The last step's named losses plus ``total`` (mean over ranks)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The last evaluation's metrics (rank 0; empty elsewhere or without ``evaluate``)."""
+    eval_s: float = 0.0
+    """Wall time of this call's evaluations (validation, precise BN): the part of ``wall_s`` that is not training."""
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -452,4 +454,4 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
         timed_s, timed_images = max(t_end - t_call - eval_s, 1e-9), call_images
     return FitResult(steps=step, images_seen=images_seen, wall_s=time.perf_counter() - t_call,
                      images_per_s=timed_images / timed_s, last_losses=last_losses,
-                     metrics=metrics if main else {})
+                     metrics=metrics if main else {}, eval_s=eval_s)

@@ -99,7 +99,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
     metrics: dict = {}
     steps = stage_cls.steps(cfg)
     bad_counts = None
-    fit_wall = 0.0
+    fit_wall = fit_eval = train_ips = 0.0
     if steps == 0:
         common.report_bad_records(datasets, sources, verbose=main)
     else:
@@ -128,7 +128,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
             data.loader.close()
         steps = int(result.steps)
         metrics = dict(result.metrics or {})
-        fit_wall = float(result.wall_s)
+        fit_wall, fit_eval, train_ips = float(result.wall_s), float(result.eval_s), float(result.images_per_s)
         bad_counts = common.bad_record_counts(datasets)  # includes the loader workers' skips
         if main:
             print(common.bad_records_line(bad_counts, {n: d.bad.count for n, d in data.val_datasets.items()},
@@ -155,6 +155,9 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         "bad_records": bad_counts or common.bad_record_counts(datasets),
         "wall_s": round(time.time() - t0, 2),
         "fit_wall_s": round(fit_wall, 2),
+        # where a stage's time goes: validation and precise BN, and the training steps' throughput
+        "fit_eval_s": round(fit_eval, 2),
+        "train_images_per_s": round(train_ips, 1),
         "status": "done",
         **module.run_info(),
     }
@@ -162,7 +165,8 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         save_product(product, out_dir / WEIGHTS)
         write_json_atomic(out_dir / RUN_JSON, info)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        print(f"[{stage}] done in {info['wall_s']:.1f}s: {steps} steps, {info['cost']['images_seen']} images, "
+        split = f" (validation {fit_eval:.1f}s, training {train_ips:.0f} images/s)" if steps else ""
+        print(f"[{stage}] done in {info['wall_s']:.1f}s{split}: {steps} steps, {info['cost']['images_seen']} images, "
               f"{gflops:.2f} GFLOPs, backbone {backbone_params / 1e6:.2f}M params"
               + (f"; val {shown}" if shown else "") + f" -> {out_dir}", flush=True)
     from xlearner.engine.distributed import barrier
