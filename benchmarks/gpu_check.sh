@@ -40,7 +40,10 @@ mkdir -p "$SITE"
 [ -d /tmp/xlhome ] || tar xJf .offline/xlhome.txz -C /tmp
 export XLEARNER_HOME=/tmp/xlhome PYTHONPATH="$SITE:$ROOT/src" PYTHONUNBUFFERED=1
 
-{ date -u; git log -1 --format='commit %h %s' 2>/dev/null; nvidia-smi; "$PY" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"; echo "cores $(nproc)"; } > "$DEST/env.txt" 2>&1
+# the tree that travelled: a digest of its tracked sources (the device's git metadata may be older)
+SRC_DIGEST=$(find src benchmarks tests -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.sh' \) | LC_ALL=C sort |
+             xargs cat | sha256sum | cut -c1-12)
+{ date -u; git log -1 --format='commit %h %s' 2>/dev/null; echo "source digest $SRC_DIGEST"; nvidia-smi; "$PY" -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"; echo "cores $(nproc)"; } > "$DEST/env.txt" 2>&1
 cat "$DEST/env.txt"
 echo "set-up took $(( $(date +%s) - T_START )) s"
 
@@ -83,7 +86,7 @@ BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
 # --- summary: wall time and SM utilisation per part ----------------------------------------
 {
   echo "gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)," \
-       "preset $PRESET, $(git log -1 --format=%h 2>/dev/null)"
+       "preset $PRESET, $(git log -1 --format=%h 2>/dev/null), source digest $SRC_DIGEST"
   for name in bench_stages run bench_loader bench_compile; do
     [ -f "$WORK/wall_$name.txt" ] || continue
     # dmon -o T columns: time gpu sm mem enc dec ...; skip the '#' header lines (plain awk: no asort)
