@@ -99,7 +99,8 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
     metrics: dict = {}
     steps = stage_cls.steps(cfg)
     bad_counts = None
-    fit_wall = fit_eval = train_ips = 0.0
+    # where a stage's time goes: the fit, its validation (with precise BN), the training throughput
+    fit_time = {"fit_wall_s": 0.0, "fit_eval_s": 0.0, "train_images_per_s": 0.0}
     if steps == 0:
         common.report_bad_records(datasets, sources, verbose=main)
     else:
@@ -128,7 +129,8 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
             data.loader.close()
         steps = int(result.steps)
         metrics = dict(result.metrics or {})
-        fit_wall, fit_eval, train_ips = float(result.wall_s), float(result.eval_s), float(result.images_per_s)
+        fit_time = {"fit_wall_s": round(result.wall_s, 2), "fit_eval_s": round(result.eval_s, 2),
+                    "train_images_per_s": round(result.images_per_s, 1)}
         bad_counts = common.bad_record_counts(datasets)  # includes the loader workers' skips
         if main:
             print(common.bad_records_line(bad_counts, {n: d.bad.count for n, d in data.val_datasets.items()},
@@ -154,10 +156,7 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         # in this process or in its DataLoader workers)
         "bad_records": bad_counts or common.bad_record_counts(datasets),
         "wall_s": round(time.time() - t0, 2),
-        "fit_wall_s": round(fit_wall, 2),
-        # where a stage's time goes: validation and precise BN, and the training steps' throughput
-        "fit_eval_s": round(fit_eval, 2),
-        "train_images_per_s": round(train_ips, 1),
+        **fit_time,
         "status": "done",
         **module.run_info(),
     }
@@ -165,7 +164,8 @@ def train_stage(cfg: RunConfig, stage: str, out_dir: Path, resume: bool = False)
         save_product(product, out_dir / WEIGHTS)
         write_json_atomic(out_dir / RUN_JSON, info)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        split = f" (validation {fit_eval:.1f}s, training {train_ips:.0f} images/s)" if steps else ""
+        split = (f" (validation {fit_time['fit_eval_s']:.1f}s, training {fit_time['train_images_per_s']:.0f} "
+                 f"images/s)" if steps else "")
         print(f"[{stage}] done in {info['wall_s']:.1f}s{split}: {steps} steps, {info['cost']['images_seen']} images, "
               f"{gflops:.2f} GFLOPs, backbone {backbone_params / 1e6:.2f}M params"
               + (f"; val {shown}" if shown else "") + f" -> {out_dir}", flush=True)

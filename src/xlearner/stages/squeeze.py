@@ -99,10 +99,16 @@ def _dirac_conv(channels: int, out_channels: int | None = None) -> nn.Conv2d:
     return conv
 
 
+def _at_size_of(student: Tensor, teacher: Tensor) -> Tensor:
+    """The student map resized (bilinear) to the teacher map's height and width, where they differ."""
+    if student.shape[-2:] != teacher.shape[-2:]:
+        return resize_bilinear(student, size=teacher.shape[-2:])
+    return student
+
+
 def feature_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Mean over pixels of the squared distance of the channel-L2-normalised maps (= 2 - 2 cos)."""
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = resize_bilinear(student, size=teacher.shape[-2:])
+    student = _at_size_of(student, teacher)
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.float(), dim=1)
     return (s - t).pow(2).sum(1).mean()
@@ -113,8 +119,7 @@ def cosine_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
     Unlike ``l2`` (per pixel, every pixel weighs the same), pixels with larger teacher
     activations weigh more; in [0, 2]."""
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = resize_bilinear(student, size=teacher.shape[-2:])
+    student = _at_size_of(student, teacher)
     return (1 - F.cosine_similarity(student.float().flatten(1), teacher.float().flatten(1), dim=1)).mean()
 
 
@@ -123,8 +128,7 @@ def cka_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
     With X (n, c) and Y (n, d) column-centred, CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F):
     invariant to rotations and isotropic scaling of either side; in [0, 1]."""
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = resize_bilinear(student, size=teacher.shape[-2:])
+    student = _at_size_of(student, teacher)
     x = student.float().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
     y = teacher.float().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
     x = x - x.mean(0, keepdim=True)
