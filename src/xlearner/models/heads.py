@@ -176,8 +176,9 @@ def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """torchvision's ``generalized_box_iou_loss`` (reduction "none"), float32 boxes, without its
     boolean-mask indexing: torchvision writes the intersection as ``inter[mask] = ...``, a
     ``nonzero`` whose output size the host must read, so every det step on CUDA waited for the
-    GPU there. ``relu`` of the overlap gives the same values and the same gradients (zero
-    where the boxes do not overlap, as the mask gives)."""
+    GPU there. ``relu`` of the overlap gives the same values and gradients to float rounding
+    (zero where the boxes do not overlap, as the mask gives); a frozen det head trained 300 steps
+    on it can end a few tenths of a mAP point away from one trained on torchvision's."""
     x1, y1, x2, y2 = boxes1.unbind(dim=-1)
     x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
     inter = F.relu(torch.min(x2, x2g) - torch.max(x1, x1g)) * F.relu(torch.min(y2, y2g) - torch.max(y1, y1g))
