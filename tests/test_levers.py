@@ -311,6 +311,45 @@ def test_each_lever_ablation_builds_its_parts(name, tmp_path):
     assert {"xlearner", "ssst", "msmt", "scratch"} <= set(methods) and "imagenet" not in methods
 
 
+def test_ablation_names_expand_lists_and_the_levers_shorthand():
+    from xlearner.pipeline import ABLATIONS, LEVERS, ablation_names
+
+    assert set(LEVERS) == set(NEW_ABLATIONS) and set(LEVERS) <= set(ABLATIONS)
+    assert ablation_names(["kd_logits,distill_cka", "kd_logits"]) == ["kd_logits", "distill_cka"]
+    assert ablation_names("no_distill,levers")[0] == "no_distill" and len(ablation_names("levers")) == len(LEVERS)
+    assert ablation_names(None) == []
+    with pytest.raises(ValueError, match="unknown ablation 'kd_logit'.*levers"):
+        ablation_names("kd_logit")
+
+
+def test_several_ablations_in_one_job_add_each_its_parts_once(tmp_path):
+    from xlearner.pipeline import build_parts
+
+    cfg = tiny_cfg()
+    one = {p.name: p.key for p in build_parts(cfg, tmp_path, "kd_logits")[0]}
+    parts, methods = build_parts(cfg, tmp_path, ["kd_logits", "reconcile_all_stages"])
+    both = {p.name: p.key for p in parts}
+    assert len(both) == len(parts)  # no part twice
+    assert {k: v for k, v in both.items() if k in one} == one  # the first ablation's parts are unchanged
+    added = set(both) - set(one)
+    assert {"ablations/reconcile_all_stages/expansion", "ablations/reconcile_all_stages/squeeze",
+            "export xlearner[reconcile_all_stages]"} <= added
+    assert all("reconcile_all_stages" in n for n in added)
+    assert {"xlearner[kd_logits]", "xlearner[reconcile_all_stages]"} <= set(methods)
+
+
+def test_cli_reads_repeated_and_comma_separated_ablations(capsys):
+    from xlearner.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--ablation", "kd_logits,distill_cka", "--ablation", "levers",
+                                      "train.steps=5"])
+    assert args.ablation[:2] == ["kd_logits", "distill_cka"] and "reconcile_all_stages" in args.ablation
+    assert args.overrides == ["train.steps=5"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--ablation", "nope"])
+    assert "unknown ablation 'nope'" in capsys.readouterr().err
+
+
 def test_balance_ablations_change_weights_and_batches():
     from xlearner.pipeline import ablation_overrides, load_config_like
 

@@ -208,3 +208,38 @@ def test_gate_failures_read_back_from_results_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Can this run rank backbones? NO" in out
     assert "gate failed: separation toy: ssst - scratch = +40.0 (s.e. -, 1 seeds)" in out
+
+
+def test_ablations_get_their_own_table_with_the_gain_over_xlearner(run_dir):
+    """An ablation is X-Learner with one lever changed: its gain is ablation minus X-Learner (not the
+    headline's X-Learner minus baseline), and it is not a baseline of the headline."""
+    per = {"a_cls": [0.90, 0.90], "b_cls": [0.60, 0.70], "d_det": [0.25, 0.35], "s_seg": [0.50, 0.50]}
+    tasks = {"a_cls": ("cls", "top1"), "b_cls": ("cls", "top1"), "d_det": ("det", "mAP"), "s_seg": ("seg", "mIoU")}
+    (run_dir / "transfer" / "xlearner[kd_logits]").mkdir()
+    for d, sc in per.items():
+        t, met = tasks[d]
+        (run_dir / "transfer" / "xlearner[kd_logits]" / f"{d}.json").write_text(json.dumps(_res(d, t, met, sc, 1000)))
+    md = write_report(run_dir).read_text()
+    res = json.loads((run_dir / "results.json").read_text())
+    a = res["ablations"]["xlearner[kd_logits]"]
+    # cls: ablation (90 + 65) / 2 = 77.5 against xlearner 72.5: +5.0; pairs (+10, 0), (0, +10) -> per-seed +5, +5
+    assert a["cls"]["mean"] == pytest.approx(77.5) and a["cls"]["gain"] == pytest.approx(5.0)
+    assert a["cls"]["se"] == pytest.approx(0.0) and a["cls"]["verdict"] == "win"
+    assert a["det"]["gain"] == pytest.approx(-5.0) and a["det"]["verdict"] == "loss"  # pairs (-5, -5)
+    assert a["seg"]["gain"] == pytest.approx(0.0)
+    headline = md.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert "kd_logits" not in headline
+    section = md.split("## Ablations and levers", 1)[1].split("\n## ", 1)[0]
+    assert "| xlearner[kd_logits] | 77.5 (+5.0 ± 0.0 (win))" in section
+    assert "| xlearner | 72.5 |" in section
+
+
+def test_report_says_when_scores_are_on_validation_splits(run_dir):
+    for f in (run_dir / "transfer").glob("*/*.json"):
+        r = json.loads(f.read_text())
+        f.write_text(json.dumps({**r, "eval_split": "val"}))
+    md = write_report(run_dir).read_text()
+    assert "validation** splits" in md and "Mixed splits" not in md
+    f = next((run_dir / "transfer" / "ssst").glob("*.json"))
+    f.write_text(json.dumps({**json.loads(f.read_text()), "eval_split": "test"}))
+    assert "Mixed splits" in write_report(run_dir).read_text()

@@ -112,10 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: fetch, expansion, squeeze, baselines, transfer, report")
     p.add_argument("--preset", default="default", help="quick, default, gpu, pretrained, pretrained_gpu, or a YAML path")
     p.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    from xlearner.pipeline import ABLATIONS
+    from xlearner.pipeline import ABLATIONS, ablation_names
 
-    p.add_argument("--ablation", default=None, choices=list(ABLATIONS),
-                   help="run an ablation of X-Learner against the same baselines (docs/levers.md)")
+    def ablation_list(value: str) -> list[str]:
+        try:
+            return ablation_names(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--ablation", default=[], action="extend", type=ablation_list, metavar="NAME[,NAME...]",
+                   help="add X-Learner ablations beside the main X-Learner, against the same baselines; "
+                        "repeatable or comma-separated; 'levers' = every method lever (docs/levers.md). "
+                        f"Names: {', '.join(ABLATIONS)}")
     _add_overrides(p)
 
     p = sub.add_parser("report", help="write report.md, results.json and plots from a run folder")

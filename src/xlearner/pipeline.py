@@ -58,6 +58,27 @@ ABLATIONS: dict[str, list[str] | Callable[[RunConfig], list[str]]] = {
 """Ablation name -> overrides of the X-Learner config (or a function of the config giving them)."""
 
 
+LEVERS = ("reconcile_all_stages", "multi_teacher", "teacher_source_bn", "generalist_teacher", "distill_cosine",
+          "distill_cka", "kd_logits", "distill_weight_x4", "distill_weight_x0.25", "task_balanced_loss",
+          "task_balanced_sampling")
+"""The method levers of docs/levers.md; ``--ablation levers`` runs them all in one job."""
+
+
+def ablation_names(spec: str | list[str] | None) -> list[str]:
+    """Ablation names from ``--ablation`` values: names, comma-separated lists, ``levers`` for all levers."""
+    items = [spec] if isinstance(spec, str) else list(spec or [])
+    names: list[str] = []
+    for item in items:
+        for name in filter(None, (n.strip() for n in item.split(","))):
+            for n in (LEVERS if name == "levers" else (name,)):
+                if n not in ABLATIONS:
+                    raise ValueError(f"unknown ablation {n!r}; ablations: {', '.join(ABLATIONS)}, or levers (all of "
+                                     f"docs/levers.md)")
+                if n not in names:
+                    names.append(n)
+    return names
+
+
 def ablation_overrides(name: str, cfg: RunConfig) -> list[str]:
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}; ablations: {', '.join(ABLATIONS)}")
@@ -168,8 +189,11 @@ def _baseline_key(stage_cls, dirname: str, bcfg: RunConfig) -> str:
     return _key(dirname, _sections(bcfg, *UPSTREAM), chosen)
 
 
-def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple[list[Part], dict[str, list[str]]]:
-    """The list of parts of the main job and, per method, the stage folders whose cost it carries."""
+def build_parts(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None
+                ) -> tuple[list[Part], dict[str, list[str]]]:
+    """The list of parts of the main job and, per method, the stage folders whose cost it carries.
+
+    ``ablation``: one name or several (see :func:`ablation_names`); each adds a method ``xlearner[name]``."""
     parts: list[Part] = []
     methods: dict[str, list[str]] = {}
     # method -> (stage dir, part key, branch); stage dir None: not trained here (imagenet)
@@ -213,10 +237,9 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | None = None) -> tuple
         backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
 
     xlearner_parts("", cfg, "xlearner", direct=False)
-    if ablation:
-        acfg = load_config_like(cfg, ablation_overrides(ablation, cfg))
-        xlearner_parts(f"ablations/{ablation}/", acfg, f"xlearner[{ablation}]",
-                       direct=ablation == "expansion_direct")
+    for name in ablation_names(ablation):
+        acfg = load_config_like(cfg, ablation_overrides(name, cfg))
+        xlearner_parts(f"ablations/{name}/", acfg, f"xlearner[{name}]", direct=name == "expansion_direct")
 
     # --- baselines on the same engine, for baselines.steps (the registry's baseline stages) -----
     for stage_cls in STAGES.values():
@@ -287,7 +310,7 @@ def load_config_like(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return validate(data, origin="(ablation)")
 
 
-def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
+def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None) -> Path:
     from xlearner.data.embedded import fetch
     from xlearner.report import write_report
 
@@ -304,6 +327,9 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | None = None) -> Path:
         print(f"[xlearner run] ImageNet MobileNetV2 weights: {fetch_imagenet_weights()}")
 
     parts, methods = build_parts(cfg, out, ablation)
+    # ablations of an earlier job in this folder keep their rows (and costs) in the report
+    earlier = read_json(out / "methods.json") or {}
+    methods.update({m: s for m, s in earlier.items() if m.startswith("xlearner[") and m not in methods})
     write_json_atomic(out / "methods.json", methods)
     write_text_atomic(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))
     ticks = {id(p): max(1, round(100 * p.weight)) for p in parts}  # integer ticks: the bar ends exactly at 100 %

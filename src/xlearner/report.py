@@ -113,6 +113,11 @@ def task_paired(datasets: dict[str, Any], names: list[str], a: str, b: str) -> t
     return _mean_se([mean(v) for v in per_seed.values() if len(v) == len(use)])  # seeds every dataset has
 
 
+def is_ablation(method: str) -> bool:
+    """``xlearner[name]``: X-Learner with one lever changed (``xlearner run --ablation name``)."""
+    return method.startswith("xlearner[")
+
+
 def reference_method(methods: list[str]) -> str | None:
     """The X-Learner entry the gains are measured from."""
     if "xlearner" in methods:
@@ -151,6 +156,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 continue
             name = r.get("dataset", f.stem)
             ds = datasets.setdefault(name, {"task": r.get("task"), "metric": r.get("metric"), "methods": {}})
+            ds.setdefault("eval_splits", [])
+            if r.get("eval_split", "test") not in ds["eval_splits"]:
+                ds["eval_splits"].append(r.get("eval_split", "test"))
             scores = [100.0 * float(s) for s in r["scores"]]
             entry = {
                 "mean": mean(scores) if scores else float("nan"),
@@ -212,6 +220,17 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                         per_dataset_gain[d][m], per_dataset_gain_se[d][m] = g, se
                         per_dataset_verdict[d][m] = verdict(g, se)
 
+    # --- ablations: each lever minus X-Learner, per task type (the same pairs, the sign flipped) ---
+    ablations: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in methods:
+        if not is_ablation(m) or m == ref:
+            continue
+        ablations[m] = {}
+        for t in tasks:
+            if m in gains.get(t, {}):
+                g, se = -gains[t][m], gains_se[t][m]
+                ablations[m][t] = {"mean": per_task[t][m]["mean"], "gain": g, "se": se, "verdict": verdict(g, se)}
+
     # --- costs -------------------------------------------------------------------
     from xlearner.runs import run_info  # local: importing the report stays light (no pydantic)
 
@@ -240,7 +259,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
             "per_task": per_task, "gains": gains, "gains_se": gains_se, "gains_verdict": gains_verdict,
             "per_dataset_gain": per_dataset_gain, "per_dataset_gain_se": per_dataset_gain_se,
-            "per_dataset_verdict": per_dataset_verdict, "gates": gates,
+            "per_dataset_verdict": per_dataset_verdict, "ablations": ablations, "gates": gates,
             "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
 
 
@@ -371,7 +390,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     # gains per task type
     gains = res["gains"]
-    baselines = [m for m in methods if m != ref and any(m in g for g in gains.values())]
+    baselines = [m for m in methods if m != ref and not is_ablation(m) and any(m in g for g in gains.values())]
     if ref is not None and baselines and gains:
         tasks = list(gains)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) * len(baselines) + 2), 3.8))
@@ -467,12 +486,34 @@ def _gate_section(res: dict[str, Any]) -> list[str]:
     return L
 
 
+def _ablation_section(res: dict[str, Any]) -> list[str]:
+    abl, ref = res.get("ablations") or {}, res["reference"]
+    if not abl or ref is None:
+        return []
+    tasks = list(res["per_task"])
+    L = ["## Ablations and levers", "",
+         f"Each row is {ref} with one setting changed (docs/levers.md): its average score per task type, "
+         f"then its gain over {ref} in points, paired by seed, ± standard error (win / loss where "
+         "|gain| > 2 s.e.). Choose levers on a run with `transfer.eval_split=val`, never on test.", ""]
+    rows = [[ref] + [f"{res['per_task'][t][ref]['mean']:.1f}" if ref in res["per_task"][t] else "-" for t in tasks]]
+    for m, per in abl.items():
+        rows.append([m] + ["-" if t not in per else f"{per[t]['mean']:.1f} ("
+                           f"{_gain_cell(per[t]['gain'], per[t]['se'], per[t]['verdict'])})" for t in tasks])
+    return L + _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
+
+
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     methods, ref, ds = res["methods"], res["reference"], res["datasets"]
     L = [f"# X-Learner report: {Path(res['run_dir']).name}", "",
          "All scores are in points (x100): top-1 accuracy for classification, COCO box mAP@[.5:.95] "
          "for detection, mIoU for segmentation; mean ± std over seeds (n = number of seeds). "
          "Every downstream dataset is unseen during pretraining.", ""]
+    splits = sorted({sp for v in ds.values() for sp in v.get("eval_splits", [])})
+    if splits == ["val"]:
+        L += ["Scored on the downstream **validation** splits (`transfer.eval_split=val`): a tuning run; "
+              "the test splits were not touched.", ""]
+    elif len(splits) > 1:
+        L += [f"**Mixed splits: some scores are on {' and some on '.join(splits)}; compare within one split only.**", ""]
     L += [gate_verdict_line(res), ""]
 
     if ref is not None and res["gains"]:
@@ -483,13 +524,14 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
         tasks = list(res["gains"])
         rows = []
         for m in methods:
-            if m == ref:
+            if m == ref or is_ablation(m):
                 continue
             rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
                                           res["gains_verdict"][t].get(m)) for t in tasks])
         L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
         if "gains" in plots:
             L += [f"![gains]({plots['gains']})", ""]
+    L += _ablation_section(res)
 
     L += _gate_section(res)
 
