@@ -16,6 +16,16 @@ def test_presets_validate():
         assert cfg.train.steps > 0
 
 
+def test_full_presets_gate_every_source_and_pair_three_seeds():
+    """A preset whose report claims a verdict checks every upstream source and pairs >= 3 seeds
+    (a preset without upstream gates would print 'yes' having checked only the separation)."""
+    for name in ("default", "gpu", "pretrained", "pretrained_gpu"):
+        cfg = load_config(name)
+        assert set(cfg.gates.upstream) == {s.name for s in cfg.sources}, name
+        assert cfg.transfer.seeds >= cfg.gates.min_seeds >= 3, name
+        assert cfg.baselines.steps == 2 * cfg.train.steps, name  # equal data per source
+
+
 def test_template_reports_missing_paths_by_field():
     with pytest.raises(ConfigError) as err:
         load_config("imagenet_coco_ade20k")
