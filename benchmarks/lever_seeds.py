@@ -4,8 +4,8 @@ The lever screen (``xlearner run --ablation levers transfer.eval_split=val``) pa
 the transfer seeds of one upstream training; whether a gain holds across upstream trainings
 needs more seeds, and the baselines are not needed for that. This runs the main job's parts of
 the two X-Learners (expansion, squeeze, the lever's stages, export, transfer) at the given
-``seed``, skips finished parts like ``xlearner run``, and writes the report (its ablation table
-is the lever's gain at this seed):
+``seed`` through ``xlearner run``'s own job (``main_job(..., only=...)``: finished parts are
+skipped) and writes the report (its ablation table is the lever's gain at this seed):
 
     python benchmarks/lever_seeds.py --out runs/levers_s1 --seed 1 task_balanced_loss
 
@@ -15,7 +15,6 @@ Overrides (``key=value``) apply to the preset (``--preset``, default ``default``
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 
@@ -28,28 +27,11 @@ def main() -> None:
     args, overrides = ap.parse_known_args()
 
     from xlearner.config import load_config
-    from xlearner.files import write_json_atomic
-    from xlearner.pipeline import ablation_names, build_parts, part_done, run_part
-    from xlearner.report import write_report
+    from xlearner.pipeline import ablation_names, main_job
 
     levers = ablation_names(args.levers)
     cfg = load_config(args.preset, [*overrides, f"seed={args.seed}", "transfer.eval_split=val"])
-    out = Path(args.out)
-    parts, methods = build_parts(cfg, out, levers)
-    wanted = ["xlearner"] + [f"xlearner[{n}]" for n in levers]
-    stage_dirs = {d for m in wanted for d in methods[m]}
-    keep = [p for p in parts if p.name in stage_dirs
-            or any(p.name == f"export {m}" or p.name.startswith(f"transfer {m} -> ") for m in wanted)]
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "methods.json", {m: methods[m] for m in wanted})
-    t0 = time.time()
-    for p in keep:
-        if part_done(p):
-            continue
-        t = time.time()
-        run_part(p, cfg)
-        print(f"[lever_seeds seed {args.seed}] {p.name}: {time.time() - t:.1f} s", flush=True)
-    print(f"[lever_seeds seed {args.seed}] done in {time.time() - t0:.0f} s; report: {write_report(out)}")
+    main_job(cfg, Path(args.out), levers, only=["xlearner"] + [f"xlearner[{n}]" for n in levers])
 
 
 if __name__ == "__main__":

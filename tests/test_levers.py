@@ -338,6 +338,22 @@ def test_several_ablations_in_one_job_add_each_its_parts_once(tmp_path):
     assert {"xlearner[kd_logits]", "xlearner[reconcile_all_stages]"} <= set(methods)
 
 
+def test_parts_of_keeps_only_what_the_wanted_methods_need(tmp_path):
+    """lever_seeds.py trains X-Learner and a lever without the baselines: their stages, exports and
+    transfers, nothing of any other method."""
+    from xlearner.pipeline import build_parts, parts_of
+
+    cfg = tiny_cfg()
+    parts, methods = build_parts(cfg, tmp_path, "generalist_teacher")
+    wanted = ["xlearner", "xlearner[generalist_teacher]"]
+    names = [p.name for p in parts_of(parts, methods, wanted)]
+    stages = {"expansion", "squeeze", "msmt", "ablations/generalist_teacher/squeeze"}  # msmt: the generalist
+    expected = stages | {f"export {m}" for m in wanted} | {
+        f"transfer {m} -> {d}" for m in wanted for d in cfg.transfer.datasets}
+    assert set(names) == expected and len(names) == len(expected)
+    assert names == [p.name for p in parts if p.name in expected]  # the job's order kept
+
+
 def test_cli_reads_repeated_and_comma_separated_ablations(capsys):
     from xlearner.cli import build_parser
 

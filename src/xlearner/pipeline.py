@@ -36,13 +36,16 @@ def _balanced_sampling(cfg: RunConfig) -> list[str]:
     return [f"sources.{s.name}.batch_size={max(1, round(total / len(cfg.tasks) / n[s.task]))}" for s in cfg.sources]
 
 
-ABLATIONS: dict[str, list[str] | Callable[[RunConfig], list[str]]] = {
+_Overrides = list[str] | Callable[[RunConfig], list[str]]
+
+_METHOD_ABLATIONS: dict[str, _Overrides] = {
     "no_reconciliation": ["expansion.reconciliation=false"],
     "no_detach": ["expansion.detach_others=false"],
     "squeeze_scratch": ["squeeze.init=scratch"],
     "no_distill": ["squeeze.distill_weight=0", "squeeze.kd_weight=0"],
     "expansion_direct": [],  # the expansion cls branch is transferred instead of the squeezed student
-    # method levers of the anchors (docs/levers.md)
+}
+_LEVER_ABLATIONS: dict[str, _Overrides] = {  # the method levers of the anchors (docs/levers.md)
     "reconcile_all_stages": ["expansion.reconcile_from=all"],
     "multi_teacher": ["squeeze.distill_teachers=all"],
     "teacher_source_bn": ["squeeze.teacher_bn=source"],
@@ -55,12 +58,10 @@ ABLATIONS: dict[str, list[str] | Callable[[RunConfig], list[str]]] = {
     "task_balanced_loss": _balanced_loss,
     "task_balanced_sampling": _balanced_sampling,
 }
+ABLATIONS: dict[str, _Overrides] = {**_METHOD_ABLATIONS, **_LEVER_ABLATIONS}
 """Ablation name -> overrides of the X-Learner config (or a function of the config giving them)."""
 
-
-LEVERS = ("reconcile_all_stages", "multi_teacher", "teacher_source_bn", "generalist_teacher", "distill_cosine",
-          "distill_cka", "kd_logits", "distill_weight_x4", "distill_weight_x0.25", "task_balanced_loss",
-          "task_balanced_sampling")
+LEVERS = tuple(_LEVER_ABLATIONS)
 """The method levers of docs/levers.md; ``--ablation levers`` runs them all in one job."""
 
 
@@ -310,7 +311,16 @@ def load_config_like(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return validate(data, origin="(ablation)")
 
 
-def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None) -> Path:
+def parts_of(parts: list[Part], methods: dict[str, list[str]], wanted: list[str]) -> list[Part]:
+    """The parts that the methods ``wanted`` need: their stages, exports and transfers, in order."""
+    exports = {f"export {m}" for m in wanted}
+    need = {d for m in wanted for d in methods[m]} | exports
+    return [p for p in parts if p.name in need or (p.kind == "transfer" and exports.intersection(p.deps))]
+
+
+def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None,
+             only: list[str] | None = None) -> Path:
+    """``only``: train and transfer just these methods (e.g. X-Learner and its ablations, no baselines)."""
     from xlearner.data.embedded import fetch
     from xlearner.report import write_report
 
@@ -327,6 +337,8 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None)
         print(f"[xlearner run] ImageNet MobileNetV2 weights: {fetch_imagenet_weights()}")
 
     parts, methods = build_parts(cfg, out, ablation)
+    if only is not None:
+        parts, methods = parts_of(parts, methods, only), {m: methods[m] for m in only}
     # ablations of an earlier job in this folder keep their rows (and costs) in the report
     earlier = read_json(out / "methods.json") or {}
     methods.update({m: s for m, s in earlier.items() if m.startswith("xlearner[") and m not in methods})

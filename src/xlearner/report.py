@@ -156,9 +156,9 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                 continue
             name = r.get("dataset", f.stem)
             ds = datasets.setdefault(name, {"task": r.get("task"), "metric": r.get("metric"), "methods": {}})
-            ds.setdefault("eval_splits", [])
-            if r.get("eval_split", "test") not in ds["eval_splits"]:
-                ds["eval_splits"].append(r.get("eval_split", "test"))
+            split = r.get("eval_split", "test")
+            if split not in ds.setdefault("eval_splits", []):
+                ds["eval_splits"].append(split)
             scores = [100.0 * float(s) for s in r["scores"]]
             entry = {
                 "mean": mean(scores) if scores else float("nan"),
