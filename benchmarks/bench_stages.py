@@ -135,7 +135,7 @@ class Runner:
             self.module.to(memory_format=torch.channels_last)
         self.module.train()
         # train.compile=true: the forward (and so its backward) through torch.compile, as the engine does
-        self.forward = torch.compile(self.module) if cfg.train.compile else self.module
+        self.forward = torch.compile(self.module, mode=cfg.train.compile_mode) if cfg.train.compile else self.module
         self.opt = build_optimizer(self.module, cfg.train, device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.batch = move_to_device(fake_batch(cfg, sources, plain=stage == "plain"), device, self.channels_last)
@@ -256,7 +256,7 @@ def main() -> None:
     amp = _autocast_dtype(cfg.train.amp, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"bench_stages: preset {cfg.name}, {name}, torch {torch.__version__}, precision {amp or 'fp32'}, "
-          f"channels_last {device.type == 'cuda' and cfg.train.channels_last}, compile {cfg.train.compile}, "
+          f"channels_last {device.type == 'cuda' and cfg.train.channels_last}, compile {cfg.train.compile and cfg.train.compile_mode}, "
           f"{args.rounds} rounds x {args.steps} steps (median step, "
           f"{'thread CPU time' if args.clock == 'cpu' and device.type == 'cpu' else 'wall time'})")
     print(f"{'stage':<10} {'images/step':>11} {'stage img/s':>12} {'plain img/s':>12} {'stage ms':>9} "

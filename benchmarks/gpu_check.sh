@@ -11,7 +11,8 @@
 #   2. `xlearner run --preset $PRESET` (default gpu): every stage, every transfer, 3 seeds
 #      (at most what is left of BUDGET less 15 s; a run cut short says "timed out")
 #   3. benchmarks/bench_loader.py with 1, 2, 6, 14 workers            (at most 60 s of what is left)
-#   4. with COMPILE_BENCH=1: bench_stages.py on msst_det, msst_seg with train.compile=true (what is left)
+#   4. with COMPILE_BENCH=1: bench_stages.py on COMPILE_STAGES (msst_det,msst_seg) with train.compile=true,
+#      once per mode in COMPILE_MODES (default: "default"; e.g. "default reduce-overhead")  (what is left)
 # OUT_DIR gets at most 8 files (what the device tool brings back): summary.txt (wall time and
 # SM utilisation per part, the ratios, the run's per-part times), env.txt, bench_stages.txt,
 # run.log, report.md, figures.tgz (dmon samples, bench_loader.txt, bench_stages.json and the
@@ -79,16 +80,22 @@ BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
   ${RUN_OVERRIDES:-}
 [ "${SKIP_LOADER:-0}" = 1 ] || part bench_loader $(( $(left) < 60 ? $(left) - 8 : 60 )) "$PY" benchmarks/bench_loader.py \
   --workers 1,2,6,14 --batches 30 --batch-size 64
-# torch.compile of the det and seg steps against the plain loop, compiled too (opt-in: compiling takes minutes)
-[ "${COMPILE_BENCH:-0}" = 1 ] && part bench_compile $(( $(left) - 8 )) "$PY" benchmarks/bench_stages.py --preset "$PRESET" \
-  --stages msst_det,msst_seg --steps 10 --rounds 2 train.compile=true
+# torch.compile of the det and seg steps against the plain loop, compiled too (opt-in: compiling takes minutes),
+# once per mode of COMPILE_MODES (default: "default"; "reduce-overhead" replays CUDA graphs)
+if [ "${COMPILE_BENCH:-0}" = 1 ]; then
+  for mode in ${COMPILE_MODES:-default}; do
+    part "bench_compile_$mode" $(( $(left) - 8 )) "$PY" benchmarks/bench_stages.py --preset "$PRESET" \
+      --stages "${COMPILE_STAGES:-msst_det,msst_seg}" --steps 10 --rounds 2 train.compile=true "train.compile_mode=$mode"
+  done
+fi
 
 # --- summary: wall time and SM utilisation per part ----------------------------------------
 {
   echo "gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)," \
        "preset $PRESET, $(git log -1 --format=%h 2>/dev/null), source digest $SRC_DIGEST"
-  for name in bench_stages run bench_loader bench_compile; do
-    [ -f "$WORK/wall_$name.txt" ] || continue
+  for f in "$WORK"/wall_*.txt; do
+    [ -f "$f" ] || continue
+    name=$(basename "$f" .txt); name=${name#wall_}
     # dmon -o T columns: time gpu sm mem enc dec ...; skip the '#' header lines (plain awk: no asort)
     awk '!/^#/ && NF >= 4 && $3 ~ /^[0-9]+$/ {print $3}' "$WORK/dmon_$name.txt" 2>/dev/null | sort -n |
       awk -v n="$name" -v w="$(cat "$WORK/wall_$name.txt")" '{v[++c]=$1; s+=$1}
@@ -97,7 +104,9 @@ BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
              printf "%s: wall %s s, SM utilisation mean %.0f %%, median %.0f %% (%d samples)\n", n, w, s/c, m, c}'
   done
   [ -f "$WORK/bench_stages.txt" ] && grep -E "^ratios" "$WORK/bench_stages.txt"
-  [ -f "$WORK/bench_compile.txt" ] && grep -E "^ratios" "$WORK/bench_compile.txt" | sed 's/^/compiled: /'
+  for f in "$WORK"/bench_compile_*.txt; do
+    [ -f "$f" ] && grep -E "^ratios|^msst_" "$f" | sed "s/^/$(basename "$f" .txt): /"
+  done
   [ -f "$WORK/run/timings.json" ] && { echo "run timings.json:"; cat "$WORK/run/timings.json"; echo; }
   [ -d "$WORK/run" ] && "$PY" -c '
 import json, pathlib, sys

@@ -224,6 +224,22 @@ def test_evaluate_and_extra_state(tmp_path):
         assert ra["total"] == rb["total"]
 
 
+def test_train_compile_passes_its_mode_to_torch_compile(tmp_path, monkeypatch):
+    modes = []
+
+    def fake_compile(model, mode=None):
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fit(Toy(), FakeLoader(), cfg(steps=1), None)
+    fit(Toy(), FakeLoader(), cfg(steps=1, compile=True), None)
+    fit(Toy(), FakeLoader(), cfg(steps=1, compile=True, compile_mode="reduce-overhead"), None)
+    assert modes == ["default", "reduce-overhead"]
+    with pytest.raises(ValueError, match="compile_mode"):
+        cfg(compile_mode="fast")
+
+
 def test_count_images_and_bf16_autocast_on_cpu(tmp_path):
     """train.amp=bf16 runs torch's CPU autocast (the GPU code path, testable on a CPU); auto stays fp32."""
     for amp, want in (("bf16", torch.bfloat16), ("auto", torch.float32)):

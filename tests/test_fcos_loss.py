@@ -132,3 +132,20 @@ def test_det_loss_runs_no_operator_that_waits_for_the_device():
     ops = {e.key for e in prof.key_averages()}
     assert "aten::mul" in ops  # the profiler saw the loss
     assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, ops
+
+
+def test_anchors_under_torch_compile_equal_eager_and_compile_once(monkeypatch):
+    """Under torch.compile the anchors are built in the graph: a filled eager cache read inside the
+    graph made the det step recompile on its second call (seen in benchmarks/bench_stages.py)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    head = DetHead(32, 3, [8, 16])
+    feats = [torch.zeros(2, 32, 8, 8), torch.zeros(2, 32, 4, 4)]
+    step = torch.compile(lambda f: head.anchors_for(f, (64, 64)) + 0, backend="eager", fullgraph=True)
+    first, second = step(feats), step(feats)  # error_on_recompile: a second graph would raise here
+    eager = head.anchors_for(feats, (64, 64))
+    torch.testing.assert_close(first, eager)
+    torch.testing.assert_close(second, eager)
+    assert len(head._anchor_cache) == 1  # eager mode still caches

@@ -204,6 +204,9 @@ class TrainConfig(_Strict):
     """auto: bf16 autocast on CUDA, fp32 on CPU; bf16: bf16 autocast on CUDA and on the CPU (tests the GPU path)."""
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode when ``compile`` is on; ``reduce-overhead`` replays the step's kernels
+    as CUDA graphs, for steps whose time goes to launching operators rather than running them."""
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     val_every: int = Field(0, ge=0)

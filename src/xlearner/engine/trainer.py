@@ -270,7 +270,7 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
         model = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
 
     log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
                     start_step=start_step, resumed=start_step > 0)

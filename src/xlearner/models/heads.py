@@ -253,17 +253,22 @@ class DetHead(FCOS):
         self._anchor_cache: dict = {}
 
     def anchors_for(self, features: list[Tensor], image_size: tuple[int, int]) -> Tensor:
-        """The (A, 4) anchors of one image (every image of a batch shares them), cached per shape."""
+        """The (A, 4) anchors of one image (every image of a batch shares them), cached per shape
+        in eager mode; under torch.compile they are computed in the graph (a cache read there would
+        recompile the step once it is filled)."""
         h, w = int(image_size[0]), int(image_size[1])
         grids = tuple(tuple(int(v) for v in f.shape[-2:]) for f in features)
         key = (h, w, grids, features[0].device)
-        anchors = self._anchor_cache.get(key)
+        compiling = torch.compiler.is_compiling()
+        anchors = None if compiling else self._anchor_cache.get(key)
         if anchors is None:
             # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
             # even under bf16 autocast: bf16 would round pixel coordinates above 256 to 2+ px)
             empty = features[0].new_empty((1, 0, h, w), dtype=torch.float32)
             images = ImageList(empty, [(h, w)])
             anchors = self.anchor_generator(images, [empty.new_empty((1, 0) + g) for g in grids])[0]
+            if compiling:
+                return anchors
             if len(self._anchor_cache) > 16:
                 self._anchor_cache.clear()
             self._anchor_cache[key] = anchors
