@@ -85,12 +85,13 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     ("train.lr=0.001", EVERYTHING),
     ("sources.glyph_det.batch_size=2", EVERYTHING),
     ("seed=1", EVERYTHING),
-    # settings no result depends on: display, checkpoint frequency, loader workers, the teacher folder
-    # (the main job sets it)
+    # settings no result depends on: display, checkpoint frequency, loader workers, the compile mode, the
+    # teacher folder (the main job sets it)
     ("train.progress=false", set()),
     ("train.log_every=7", set()),
     ("train.ckpt_every=7", set()),
     ("train.num_workers=2", set()),
+    ("train.compile_mode=reduce-overhead", set()),
     ("squeeze.teacher=/elsewhere/expansion", set()),
     # a baseline's own choice re-keys that baseline only (and what it exports and transfers)
     ("baselines.ssst_source=mnist", {"ssst"} | _export_transfers("ssst")),

@@ -102,11 +102,12 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps((MODEL_LAYOUT, *parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-UNKEYED = {"train": ("progress", "log_every", "ckpt_every", "num_workers"),
+UNKEYED = {"train": ("progress", "log_every", "ckpt_every", "num_workers", "compile_mode"),
            "squeeze": ("teacher",), "transfer": ("datasets",), "baselines": ("ssst_source", "ssst_task",
                                                                             "msst_task", "imagenet")}
 """Settings that change no result of the parts keyed by their section: display and checkpoint
-frequency, loader workers (the data stream does not depend on them), the teacher folder (the
+frequency, loader workers (the data stream does not depend on them), torch.compile's mode (how
+the step's kernels are launched, not what they compute), the teacher folder (the
 main job sets it), the list of transfer datasets (each transfer part is keyed by its own
 dataset) and the baselines' choices (each baseline is keyed by the ones it reads: ``Stage.keyed``)."""
 
