@@ -20,11 +20,13 @@ the median window is used. Rounds rotate the order of the stages.
 
     python benchmarks/bench_stages.py [--preset default] [--steps 10] [--rounds 3] [--stages msst_det,...]
     python benchmarks/bench_stages.py --profile msst_det   # torch.profiler table of one stage's step
+    python benchmarks/bench_stages.py --preset gpu --count-ops train.amp=bf16   # operators per step
     python benchmarks/bench_stages.py --preset gpu train.compile=true   # stage and plain through torch.compile
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import time
@@ -195,6 +197,51 @@ def profile(cfg: RunConfig, stage: str, device: torch.device, steps: int) -> Non
     print(prof.key_averages().table(sort_by=key, row_limit=30))
 
 
+# operators that only make views or allocate: no kernel runs for them on a GPU
+VIEW_OPS = frozenset({"detach", "view", "_unsafe_view", "alias", "select", "slice", "narrow", "unsqueeze", "squeeze",
+                      "permute", "t", "transpose", "expand", "as_strided", "unbind", "split", "split_with_sizes",
+                      "chunk", "reshape", "flatten", "unfold", "diagonal", "empty", "empty_like", "new_empty",
+                      "empty_strided", "lift_fresh"})
+
+
+def count_ops(runner: Runner) -> tuple[int, collections.Counter]:
+    """Operators one training step dispatches (forward, backward, clipping, optimizer), views excluded.
+
+    Where a GPU step is launch-bound (small batches), its time follows this count, not the
+    arithmetic: a CPU-measurable, noise-free proxy for the GPU step ratio."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        runner.step()
+    kernels = collections.Counter({k: v for k, v in c.ops.items() if k not in VIEW_OPS})
+    return sum(kernels.values()), kernels
+
+
+def print_op_counts(cfg: RunConfig, stages: list[str], device: torch.device) -> None:
+    print(f"bench_stages --count-ops: preset {cfg.name}, precision {_autocast_dtype(cfg.train.amp, device) or 'fp32'}; "
+          "operators per training step, views excluded (the count does not depend on batch or image size, "
+          "except through the det levels a size gives)")
+    print(f"{'stage':<10} {'stage ops':>9} {'plain ops':>9}  ratio  most frequent in the stage")
+    for st in stages:
+        src = stage_sources(cfg, st)
+        a, b = Runner(cfg, st, src, device), Runner(cfg, "plain", src, device)
+        a.run(2, timed=False)
+        b.run(2, timed=False)
+        (na, ops), (nb, _) = count_ops(a), count_ops(b)
+        t = len(a.module.net.tasks) if st == "expansion" else 1
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+        print(f"{st:<10} {na:>9d} {nb:>9d}  {nb * t / na:.2f}{' (vs plain/%d)' % t if t > 1 else ''}  {top}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="default")
@@ -205,6 +252,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--profile", default=None, help="print a torch.profiler table of one stage (or 'plain' on the det images) instead")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="print the operators one step dispatches, stage against plain, instead of timing")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="CPU only: 'cpu' times steps by this thread's CPU time (with 1 thread: robust to "
@@ -225,6 +274,9 @@ def main() -> None:
         raise SystemExit(f"unknown stages {bad}; choose from {STAGES}")
     if args.profile:
         profile(cfg, args.profile, device, args.steps)
+        return
+    if args.count_ops:
+        print_op_counts(cfg, stages, device)
         return
 
     runners: dict[str, tuple[Runner, Runner]] = {}
