@@ -178,6 +178,23 @@ class Runner:
         return self.images / statistics.median(self.step_s)
 
 
+def build_pairs(cfg: RunConfig, stages: list[str], device: torch.device) -> dict[str, tuple[Runner, Runner]]:
+    """Each stage's runner beside its plain reference on the same images (stages without sources skipped)."""
+    pairs = {}
+    for st in stages:
+        src = stage_sources(cfg, st)
+        if not src:
+            print(f"{st}: the preset has no source for it; skipped")
+            continue
+        pairs[st] = (Runner(cfg, st, src, device), Runner(cfg, "plain", src, device))
+    return pairs
+
+
+def branches(stage: str, runner: Runner) -> int:
+    """T for expansion (it runs T task backbones per image: its reference is plain / T), else 1."""
+    return len(runner.module.net.tasks) if stage == "expansion" else 1
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -231,13 +248,11 @@ def print_op_counts(cfg: RunConfig, stages: list[str], device: torch.device) -> 
           "operators per training step, views excluded (the count does not depend on batch or image size, "
           "except through the det levels a size gives)")
     print(f"{'stage':<10} {'stage ops':>9} {'plain ops':>9}  ratio  most frequent in the stage")
-    for st in stages:
-        src = stage_sources(cfg, st)
-        a, b = Runner(cfg, st, src, device), Runner(cfg, "plain", src, device)
+    for st, (a, b) in build_pairs(cfg, stages, device).items():
         a.run(2, timed=False)
         b.run(2, timed=False)
         (na, ops), (nb, _) = count_ops(a), count_ops(b)
-        t = len(a.module.net.tasks) if st == "expansion" else 1
+        t = branches(st, a)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
         print(f"{st:<10} {na:>9d} {nb:>9d}  {nb * t / na:.2f}{' (vs plain/%d)' % t if t > 1 else ''}  {top}")
 
@@ -279,14 +294,9 @@ def main() -> None:
         print_op_counts(cfg, stages, device)
         return
 
-    runners: dict[str, tuple[Runner, Runner]] = {}
-    for st in stages:
-        src = stage_sources(cfg, st)
-        if not src:
-            print(f"{st}: the preset has no source for it; skipped")
-            continue
-        runners[st] = (Runner(cfg, st, src, device), Runner(cfg, "plain", src, device))
-        for r in runners[st]:
+    runners = build_pairs(cfg, stages, device)
+    for pair in runners.values():
+        for r in pair:
             r.cpu_clock = args.clock == "cpu" and device.type == "cpu"
     for a, b in runners.values():
         a.run(args.warmup, timed=False)
@@ -315,7 +325,7 @@ def main() -> None:
           f"{'plain ms':>9}  ratio")
     rows = {}
     for st, (a, b) in runners.items():
-        t = len(getattr(a.module, "net", None).tasks) if st == "expansion" else 1
+        t = branches(st, a)
         ratio = a.images_per_s() / (b.images_per_s() / t)
         rows[st] = {"images_per_step": a.images, "images_per_s": a.images_per_s(),
                     "plain_images_per_s": b.images_per_s(), "step_ms": 1e3 * statistics.median(a.step_s),

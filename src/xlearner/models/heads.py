@@ -258,21 +258,21 @@ class DetHead(FCOS):
         recompile the step once it is filled)."""
         h, w = int(image_size[0]), int(image_size[1])
         grids = tuple(tuple(int(v) for v in f.shape[-2:]) for f in features)
-        key = (h, w, grids, features[0].device)
-        compiling = torch.compiler.is_compiling()
-        anchors = None if compiling else self._anchor_cache.get(key)
-        if anchors is None:
+
+        def generate() -> Tensor:
             # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
             # even under bf16 autocast: bf16 would round pixel coordinates above 256 to 2+ px)
             empty = features[0].new_empty((1, 0, h, w), dtype=torch.float32)
-            images = ImageList(empty, [(h, w)])
-            anchors = self.anchor_generator(images, [empty.new_empty((1, 0) + g) for g in grids])[0]
-            if compiling:
-                return anchors
+            return self.anchor_generator(ImageList(empty, [(h, w)]), [empty.new_empty((1, 0) + g) for g in grids])[0]
+
+        if torch.compiler.is_compiling():
+            return generate()
+        key = (h, w, grids, features[0].device)
+        if key not in self._anchor_cache:
             if len(self._anchor_cache) > 16:
                 self._anchor_cache.clear()
-            self._anchor_cache[key] = anchors
-        return anchors
+            self._anchor_cache[key] = generate()
+        return self._anchor_cache[key]
 
     def _run(self, features: list[Tensor], image_size: tuple[int, int]):
         if len(features) != len(self.strides):
