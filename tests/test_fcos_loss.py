@@ -40,7 +40,7 @@ def test_batched_fcos_loss_equals_torchvision(seed, size, strides):
     ref = FCOS.compute_loss(head, targets, ref_out, [anchors] * len(targets), per_level)
     boxes, labels = pad_targets(targets, anchors.device)
     matched = fcos_match(anchors, per_level, boxes, labels, head.center_sampling_radius)
-    ours = fcos_loss(ours_out, anchors, matched, boxes, labels, head.box_coder)
+    ours = fcos_loss(ours_out, anchors, matched, boxes, labels)
     assert set(ours) == set(ref)
     assert (matched >= 0).sum() > 0, "the case must have foreground locations to be a test"
     for k in ref:
@@ -56,8 +56,7 @@ def test_batched_fcos_loss_without_any_box_is_finite():
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     ref = FCOS.compute_loss(head, empty, outputs, [anchors] * 2, per_level)
     boxes, labels = pad_targets(empty, anchors.device)
-    ours = fcos_loss(outputs, anchors, fcos_match(anchors, per_level, boxes, labels, 1.5), boxes, labels,
-                     head.box_coder)
+    ours = fcos_loss(outputs, anchors, fcos_match(anchors, per_level, boxes, labels, 1.5), boxes, labels)
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-5)
     assert ours["bbox_regression"] == 0 and ours["classification"] > 0
@@ -96,27 +95,39 @@ def test_det_neck_outputs_and_every_parameter_learns(size, shapes):
     assert feats[0].grad is None and feats[-1].grad is not None and feats[-1].grad.abs().sum() > 0
 
 
-def test_giou_loss_equals_torchvision_in_values_and_gradients():
+def test_ltrb_giou_loss_equals_torchvision_on_the_decoded_boxes():
+    """GIoU from (l, t, r, b) distances around a shared point equals torchvision's GIoU loss of the
+    decoded corner boxes, in values and gradients: overlapping, disjoint and touching boxes, negative
+    distances (a point outside its box), and a non-square normalisation (w != h)."""
     from torchvision.ops import generalized_box_iou_loss
 
-    from xlearner.models.heads import giou_loss
+    from xlearner.models.heads import ltrb_giou_loss
 
     g = torch.Generator().manual_seed(0)
-    xy = 20 * torch.rand(200, 2, generator=g)
-    a = torch.cat([xy, xy + 1 + 10 * torch.rand(200, 2, generator=g)], 1)
-    b = a + 8 * torch.randn(200, 4, generator=g)
-    b[:, 2:] = torch.maximum(b[:, 2:], b[:, :2] + 0.5)
-    b[:20] = a[:20] + torch.tensor([30.0, 0, 30, 0])  # apart: no overlap
-    b[20:30, 0] = a[20:30, 2]                         # touching edges: zero overlap, on the mask's boundary
-    b[20:30, 2] = b[20:30, 0] + 3
-    grads = []
-    for fn in (lambda p, q: generalized_box_iou_loss(p, q, reduction="none"), giou_loss):
-        p, q = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    n = 300
+    pred = 2 * torch.rand(n, 4, generator=g)
+    target = 0.1 + 2 * torch.rand(n, 4, generator=g)
+    pred[:20, 0], pred[:20, 2] = -3.0, 3.5                           # the box lies right of the point
+    target[:20, 0], target[:20, 2] = 1.0, 0.5                         # ... and the target left of it: disjoint
+    pred[20:30, 0], pred[20:30, 2] = -0.5, 1.0                        # touching edges at x = +0.5
+    target[20:30, 0], target[20:30, 2] = 1.0, 0.5
+    pred[30:60] = 2 * torch.rand(30, 4, generator=g) - 0.5            # some negative distances
+    center = 50 * torch.rand(n, 2, generator=g)
+    size = torch.tensor([6.0, 10.0])                                  # anchor width 6, height 10
+
+    def decode(d):
+        return torch.cat([center - d[:, :2] * size, center + d[:, 2:] * size], dim=1)
+
+    weights = torch.linspace(0.5, 2, n)
+    results = []
+    for fn in (lambda p, q: generalized_box_iou_loss(decode(p), decode(q), reduction="none"), ltrb_giou_loss):
+        p, q = pred.clone().requires_grad_(True), target.clone().requires_grad_(True)
         loss = fn(p, q)
-        (loss * torch.linspace(0.5, 2, 200)).sum().backward()
-        grads.append((loss.detach(), p.grad, q.grad))
-    for ref, ours in zip(grads[0], grads[1]):
-        assert torch.allclose(ref, ours, atol=1e-6)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), p.grad, q.grad))
+    assert results[0][0][:20].min() > 1, "disjoint boxes must be in the case (GIoU loss > 1)"
+    for ref, ours in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_det_loss_runs_no_operator_that_waits_for_the_device():
@@ -128,7 +139,7 @@ def test_det_loss_runs_no_operator_that_waits_for_the_device():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         boxes, labels = pad_targets(targets, anchors.device)
         matched = fcos_match(anchors, per_level, boxes, labels, head.center_sampling_radius)
-        sum(fcos_loss(outs, anchors, matched, boxes, labels, head.box_coder).values()).backward()
+        sum(fcos_loss(outs, anchors, matched, boxes, labels).values()).backward()
     ops = {e.key for e in prof.key_averages()}
     assert "aten::mul" in ops  # the profiler saw the loss
     assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, ops
