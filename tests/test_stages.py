@@ -323,6 +323,29 @@ def test_baselines_train(stage, sources, data_root, tmp_path):
     assert info["cost"]["images_seen"] == STEPS * sum(BATCH[s] for s in sources)
 
 
+def test_stage_validation_builds_its_batches_once_per_process(data_root, tmp_path, monkeypatch):
+    """A stage validates each source with its trained and with precise-BN statistics, and every stage
+    of a job validates the same sources: their val and precise-BN batches are built once per process
+    (a det source's scenes composed once), and the scores equal those from freshly built batches."""
+    from collections import OrderedDict
+
+    from xlearner.data import loader
+
+    monkeypatch.setattr(loader, "_eval_cache", OrderedDict())
+    built = []
+    real = loader.eval_loader
+    monkeypatch.setattr(loader, "eval_loader", lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    cfg = tiny_config(data_root, steps=2, **{"baselines.steps": 2})
+    first, _ = _run(cfg, "msmt", tmp_path / "a")
+    assert sorted(built) == ["cls", "cls", "det", "det", "seg", "seg"]  # val and precise-BN set per source
+    assert {k.split("/")[0] for k in first["metrics"]} == {"colors", "shapes", "regions"}
+    second, _ = _run(cfg, "msmt", tmp_path / "b")
+    assert len(built) == 6 and second["metrics"] == first["metrics"]
+    monkeypatch.setattr(loader, "_eval_cache", OrderedDict())
+    cold, _ = _run(cfg, "msmt", tmp_path / "c")
+    assert len(built) == 12 and cold["metrics"] == first["metrics"]
+
+
 def test_scratch_and_cli(data_root, tmp_path):
     """`xlearner train CONFIG --stage scratch` saves the random-init net without training."""
     import yaml

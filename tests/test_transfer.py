@@ -313,25 +313,24 @@ class _Counting(_Images):
 def test_eval_batches_are_built_once_per_key_and_equal_a_fresh_loader(monkeypatch):
     from collections import OrderedDict
 
-    from xlearner.data.loader import eval_loader
-    from xlearner.transfer import features
+    from xlearner.data import loader
 
-    monkeypatch.setattr(features, "_eval_cache", OrderedDict())
+    monkeypatch.setattr(loader, "_eval_cache", OrderedDict())
     ds = _Counting()
-    first = features.eval_batches(ds, "cls", 32, 16, key=("images",))
+    first = loader.eval_batches(ds, "cls", 32, 16, key=("images",))
     assert ds.calls == len(ds)
-    assert features.eval_batches(ds, "cls", 32, 16, key=("images",)) is first and ds.calls == len(ds)
-    fresh = list(eval_loader(ds, "cls", 32, 16))
+    assert loader.eval_batches(ds, "cls", 32, 16, key=("images",)) is first and ds.calls == len(ds)
+    fresh = list(loader.eval_loader(ds, "cls", 32, 16))
     assert len(fresh) == len(first) and all(torch.equal(a["images"], b["images"]) for a, b in zip(first, fresh))
-    other = features.eval_batches(ds, "cls", 16, 16, key=("images",))  # other settings: another entry
+    other = loader.eval_batches(ds, "cls", 16, 16, key=("images",))  # other settings: another entry
     assert other is not first and other[0]["images"].shape[-1] == 16
     calls = ds.calls
-    features.eval_batches(ds, "cls", 32, 16)  # no key: a loader, nothing kept
-    features.eval_batches(ds, "cls", 32, 16)
-    monkeypatch.setattr(features, "EVAL_CACHE_BYTES", 1000)  # over the cap: nothing kept
-    list(features.eval_batches(ds, "cls", 32, 16, key=("big",)))
-    features.eval_batches(ds, "cls", 32, 16, key=("big",))
-    assert len(features._eval_cache) == 2 and ("big",) not in {k[0] for k in features._eval_cache}
+    loader.eval_batches(ds, "cls", 32, 16)  # no key: a loader, nothing kept
+    loader.eval_batches(ds, "cls", 32, 16)
+    monkeypatch.setattr(loader, "EVAL_CACHE_BYTES", 1000)  # over the cap: nothing kept
+    list(loader.eval_batches(ds, "cls", 32, 16, key=("big",)))
+    loader.eval_batches(ds, "cls", 32, 16, key=("big",))
+    assert len(loader._eval_cache) == 2 and ("big",) not in {k[0] for k in loader._eval_cache}
 
 
 def test_a_second_transfer_to_the_same_data_reuses_its_inputs_and_scores_the_same(tiny, monkeypatch):
@@ -340,10 +339,9 @@ def test_a_second_transfer_to_the_same_data_reuses_its_inputs_and_scores_the_sam
     from collections import OrderedDict
 
     from xlearner.data import loader
-    from xlearner.transfer import features
     from xlearner.transfer.suite import transfer_one
 
-    monkeypatch.setattr(features, "_eval_cache", OrderedDict())
+    monkeypatch.setattr(loader, "_eval_cache", OrderedDict())
     built = []
     real = loader.eval_loader
     monkeypatch.setattr(loader, "eval_loader", lambda *a, **k: built.append(1) or real(*a, **k))
@@ -352,7 +350,7 @@ def test_a_second_transfer_to_the_same_data_reuses_its_inputs_and_scores_the_sam
     assert len(built) == 3  # adapt-BN subset, train, test
     warm = transfer_one(tiny.backbone, str(tiny.seg), cfg, show_progress=False)
     assert len(built) == 3 and warm["scores"] == cold["scores"]
-    monkeypatch.setattr(features, "_eval_cache", OrderedDict())
+    monkeypatch.setattr(loader, "_eval_cache", OrderedDict())
     again = transfer_one(tiny.backbone, str(tiny.seg), cfg, show_progress=False)
     assert len(built) == 6 and again["scores"] == cold["scores"]
 

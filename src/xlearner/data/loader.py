@@ -18,10 +18,12 @@ Why it is built this way:
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterator
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
@@ -219,3 +221,58 @@ def eval_loader(dataset: Dataset, task: str, size: int, batch_size: int, num_wor
     return DataLoader(SeededTransformDataset(dataset, tf),
                       batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=_EvalCollate(task))
+
+
+EVAL_CACHE_BYTES = 2 * 1024 ** 3
+"""Most bytes of eval batches ``eval_batches`` keeps (least recently used go first)."""
+_eval_cache: "OrderedDict[tuple, tuple[list[dict], int]]" = OrderedDict()
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def eval_batches(dataset: Dataset, task: str, size: int, batch_size: int, *, resize: str = "square",
+                 original: bool = False, key: tuple | None = None):
+    """The batches of ``eval_loader(dataset, ...)``. With ``key`` (it must name the dataset's content,
+    e.g. its source config, split and subset) they are kept in memory, up to ``EVAL_CACHE_BYTES``
+    in all, and the next call with the same key and settings gets the same batches back (the eval
+    transform is deterministic, so the values are those a new loader would give). Callers must
+    not modify the batches."""
+    if key is None:
+        return eval_loader(dataset, task, size, batch_size, resize=resize, original=original)
+    full = (key, task, int(size), int(batch_size), resize, bool(original))
+    if full in _eval_cache:
+        _eval_cache.move_to_end(full)
+        return _eval_cache[full][0]
+    batches = list(eval_loader(dataset, task, size, batch_size, resize=resize, original=original))
+    nbytes = _nbytes(batches)
+    if nbytes <= EVAL_CACHE_BYTES:
+        _eval_cache[full] = (batches, nbytes)
+        while sum(n for _, n in _eval_cache.values()) > EVAL_CACHE_BYTES:
+            _eval_cache.popitem(last=False)
+    return batches
+
+
+class CachedEvalLoader:
+    """:func:`eval_batches` under ``key`` as a loader: the batches are built on the first pass and
+    replayed from memory after it. A stage validates each source twice (with its trained and with
+    precise-BN statistics, which it estimates on a third set), and every stage of ``xlearner run``
+    validates the same sources: in the ``gpu`` preset, composing and transforming those images in
+    the main process took most of each stage's validation time."""
+
+    def __init__(self, dataset: Dataset, task: str, size: int, batch_size: int, *, key: tuple,
+                 resize: str = "square", original: bool = False):
+        self.dataset = dataset  # evaluators read it (a det source's COCO file, a seg source's class names)
+        self._args = (dataset, task, size, batch_size)
+        self._kwargs = {"resize": resize, "original": original, "key": key}
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(eval_batches(*self._args, **self._kwargs))
+

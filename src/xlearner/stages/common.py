@@ -96,8 +96,9 @@ def bad_records_line(counts: dict[str, int], val_counts: dict[str, int], sources
 
 def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: int = 0, world_size: int = 1,
                      datasets: dict | None = None, with_val: bool = True) -> StageData:
-    """Train datasets + transforms + MultiSourceLoader (DDP-aware) and val loaders for ``sources``."""
-    from xlearner.data.loader import MultiSourceLoader, eval_loader
+    """Train datasets + transforms + MultiSourceLoader (DDP-aware), and val and precise-BN loaders for
+    ``sources`` whose batches are built once per process (``CachedEvalLoader``)."""
+    from xlearner.data.loader import CachedEvalLoader, MultiSourceLoader
     from xlearner.data.transforms import build_transform
 
     sources = list(sources)
@@ -124,14 +125,17 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
             if len(val) == 0:
                 continue
             val_datasets[s.name] = val
-            val_loaders[s.name] = eval_loader(spread_subset(val, cfg.train.val_batches * s.batch_size),
-                                              s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode,
-                                              original=s.scored_as_published)
+            n = cfg.train.val_batches * s.batch_size
+            val_loaders[s.name] = CachedEvalLoader(spread_subset(val, n), s.task, cfg.size_of(s), s.batch_size,
+                                                   key=(s.model_dump_json(), "val", n), resize=s.resize_mode,
+                                                   original=s.scored_as_published)
     bn_loaders = {}
     if with_val and cfg.train.precise_bn_batches > 0:
         for s in sources:
-            bn_loaders[s.name] = eval_loader(spread_subset(datasets[s.name], cfg.train.precise_bn_batches * s.batch_size),
-                                             s.task, cfg.size_of(s), s.batch_size, resize=s.resize_mode)
+            n = cfg.train.precise_bn_batches * s.batch_size
+            bn_loaders[s.name] = CachedEvalLoader(spread_subset(datasets[s.name], n), s.task, cfg.size_of(s),
+                                                  s.batch_size, key=(s.model_dump_json(), "train", n),
+                                                  resize=s.resize_mode)
     return StageData(datasets, loader, val_loaders, task_of, {n: int(d.num_classes) for n, d in datasets.items()},
                      val_datasets, bn_loaders)
 

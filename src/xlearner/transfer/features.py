@@ -8,13 +8,13 @@
 - ``adapt_batchnorm``: AdaBN on the downstream training images; ``freeze``.
 - ``subset``: a deterministic subset of at most ``n`` records (``max_train_samples``);
   ``infinite_indices``: the seeded batch order of frozen training.
-- ``eval_batches``: the eval loader's batches, kept in memory under a key that names the data
-  (``xlearner run`` transfers every method to the same datasets: decoding, composing and
-  transforming them once instead of once per method saves about 5 s per method and dataset).
+- ``eval_batches`` (from ``data.loader``): the eval loader's batches, kept in memory under a key
+  that names the data (``xlearner run`` transfers every method to the same datasets: decoding,
+  composing and transforming them once instead of once per method saves about 5 s per method
+  and dataset).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,12 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xlearner.data.loader import eval_batches
 from xlearner.data.sources import SubsetSource
 from xlearner.models.heads import global_pool
-
-EVAL_CACHE_BYTES = 2 * 1024 ** 3
-"""Most bytes of eval batches ``eval_batches`` keeps (least recently used go first)."""
-_eval_cache: "OrderedDict[tuple, tuple[list[dict], int]]" = OrderedDict()
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", enable: bool = True):
@@ -47,40 +44,6 @@ def subset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     keep = sorted(torch.randperm(len(ds), generator=g)[:n].tolist())
     return SubsetSource(ds, keep)
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
-def eval_batches(dataset: Dataset, task: str, size: int, batch_size: int, *, resize: str = "square",
-                 original: bool = False, key: tuple | None = None):
-    """The batches of ``eval_loader(dataset, ...)``. With ``key`` (it must name the dataset's content,
-    e.g. its source config, split and subset) they are kept in memory, up to ``EVAL_CACHE_BYTES``
-    in all, and the next call with the same key and settings gets the same batches back (the eval
-    transform is deterministic, so the values are those a new loader would give). Callers must
-    not modify the batches."""
-    from xlearner.data import loader
-
-    if key is None:
-        return loader.eval_loader(dataset, task, size, batch_size, resize=resize, original=original)
-    full = (key, task, int(size), int(batch_size), resize, bool(original))
-    if full in _eval_cache:
-        _eval_cache.move_to_end(full)
-        return _eval_cache[full][0]
-    batches = list(loader.eval_loader(dataset, task, size, batch_size, resize=resize, original=original))
-    nbytes = _nbytes(batches)
-    if nbytes <= EVAL_CACHE_BYTES:
-        _eval_cache[full] = (batches, nbytes)
-        while sum(n for _, n in _eval_cache.values()) > EVAL_CACHE_BYTES:
-            _eval_cache.popitem(last=False)
-    return batches
 
 
 def _device_of(module: nn.Module) -> torch.device:
