@@ -17,7 +17,9 @@
 # SM utilisation per part, the ratios, the run's per-part times), env.txt, bench_stages.txt,
 # run.log, report.md, figures.tgz (dmon samples, bench_loader.txt, bench_stages.json and the
 # run's small files: results.json, timings.json, logs; no checkpoints).
-# SKIP_BENCH=1, SKIP_RUN=1, SKIP_LOADER=1 skip parts; PRESET and RUN_OVERRIDES change the run.
+# SKIP_BENCH=1, SKIP_RUN=1, SKIP_LOADER=1 skip parts; PRESET and RUN_OVERRIDES change the run,
+# BENCH_OVERRIDES the benchmarks' config (e.g. "sources.glyph_det.batch_size=256": a det step that
+# is no longer launch-bound).
 set -uo pipefail
 T_START=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +76,7 @@ part() {  # part NAME TIMEOUT_S COMMAND... : run under dmon, tee to NAME.txt, no
 
 BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
 [ "${SKIP_BENCH:-0}" = 1 ] || part bench_stages "$BENCH_LIMIT" "$PY" benchmarks/bench_stages.py --preset "$PRESET" \
-  --steps 10 --rounds 2 --json "$WORK/bench_stages.json"
+  --steps 10 --rounds 2 --json "$WORK/bench_stages.json" ${BENCH_OVERRIDES:-}
 # shellcheck disable=SC2086
 [ "${SKIP_RUN:-0}" = 1 ] || part run $(( $(left) - 15 )) "$PY" -m xlearner.cli run --preset "$PRESET" --out "$WORK/run" \
   ${RUN_OVERRIDES:-}
@@ -85,7 +87,7 @@ BENCH_LIMIT=$(( $(left) < 150 ? $(left) : 150 ))
 if [ "${COMPILE_BENCH:-0}" = 1 ]; then
   for mode in ${COMPILE_MODES:-default}; do
     part "bench_compile_$mode" $(( $(left) - 8 )) "$PY" benchmarks/bench_stages.py --preset "$PRESET" \
-      --stages "${COMPILE_STAGES:-msst_det,msst_seg}" --steps 10 --rounds 2 train.compile=true "train.compile_mode=$mode"
+      --stages "${COMPILE_STAGES:-msst_det,msst_seg}" --steps 10 --rounds 2 train.compile=true "train.compile_mode=$mode" ${BENCH_OVERRIDES:-}
   done
 fi
 
