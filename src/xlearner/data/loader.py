@@ -275,4 +275,3 @@ class CachedEvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         return iter(eval_batches(*self._args, **self._kwargs))
-

@@ -193,15 +193,15 @@ def ltrb_giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     operators of decoding and then intersecting corners. No boolean-mask indexing: torchvision
     writes the intersection as ``inter[mask] = ...``, a ``nonzero`` whose output size the host
     must read, so every det step on CUDA waited for the GPU there; ``clamp`` gives the same."""
-    def area(pairs: Tensor) -> Tensor:  # (..., 2, 2) [[l, t], [r, b]] -> (l + r) * (t + b)
-        w, h = pairs.sum(dim=-2).unbind(dim=-1)  # not prod(): its backward checks for zeros on the host
+    def area(wh: Tensor) -> Tensor:  # not prod(): its backward checks for zeros on the host
+        w, h = wh.unbind(dim=-1)
         return w * h
 
+    # (..., 2, 2) views [[l, t], [r, b]]: a sum over dim -2 gives (width, height)
     pred, target = pred.unflatten(-1, (2, 2)), target.unflatten(-1, (2, 2))
-    area_p, area_t = area(pred), area(target)
-    w, h = torch.minimum(pred, target).sum(dim=-2).clamp(min=0).unbind(dim=-1)
-    inter = w * h
-    area_c = area(torch.maximum(pred, target))
+    area_p, area_t = area(pred.sum(dim=-2)), area(target.sum(dim=-2))
+    inter = area(torch.minimum(pred, target).sum(dim=-2).clamp(min=0))
+    area_c = area(torch.maximum(pred, target).sum(dim=-2))
     union = area_p + area_t - inter
     iou = inter / (union + eps)
     return 1 - (iou - (area_c - union) / (area_c + eps))
