@@ -210,20 +210,31 @@ def test_seg_head_logits_shape():
     assert SegHead(32, 6, [4, 8, 16, 32])(feats, (64, 64)).shape == (2, 6, 64, 64)
 
 
-def test_resize_bilinear_channels_last_path_matches_nchw_in_values_and_gradients():
-    """The channels_last path (taken on CUDA for speed) computes the same resize as the NCHW one."""
+def test_resize_bilinear_paths_match_f_interpolate_in_values_and_gradients():
+    """The CPU default (two matmuls) and the channels_last path (taken on CUDA) compute F.interpolate's resize:
+    up and down, non-square, by size and by scale factor."""
     from xlearner.models.heads import Upsample2x, resize_bilinear
 
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 6, 7)
-    outs, grads = [], []
-    for cl in (False, True):
-        xi = x.clone().requires_grad_(True)
-        y = resize_bilinear(xi, size=(13, 11), channels_last=cl)
-        assert y.is_contiguous(memory_format=torch.channels_last) == cl
-        (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
-        outs.append(y.detach().contiguous())
-        grads.append(xi.grad)
-    assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-5)
+    cases = [(6, 7, dict(size=(13, 11))), (16, 16, dict(size=(64, 64))), (12, 9, dict(size=(5, 4))),
+             (5, 6, dict(scale_factor=2)), (7, 4, dict(scale_factor=(3, 0.5)))]
+    for h, w, kw in cases:
+        x = torch.randn(3, 5, h, w)
+        outs, grads = [], []
+        for cl in ("reference", None, False, True):
+            xi = x.clone().requires_grad_(True)
+            if cl == "reference":
+                y = torch.nn.functional.interpolate(xi, mode="bilinear", align_corners=False, **kw)
+            else:
+                y = resize_bilinear(xi, channels_last=cl, **kw)
+                assert y.is_contiguous(memory_format=torch.channels_last) == (cl is True)
+            (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
+            outs.append(y.detach().contiguous())
+            grads.append(xi.grad)
+        for o, g in zip(outs[1:], grads[1:]):
+            assert o.shape == outs[0].shape, (h, w, kw)
+            assert torch.allclose(o, outs[0], atol=1e-5), (h, w, kw)
+            assert torch.allclose(g, grads[0], atol=1e-4), (h, w, kw)
+    x = torch.randn(2, 3, 5, 5)
     ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    assert torch.equal(Upsample2x()(x), ref)  # on CPU: the NCHW path, bit-identical to nn.Upsample
+    assert torch.allclose(Upsample2x()(x), ref, atol=1e-6)

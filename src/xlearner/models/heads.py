@@ -9,6 +9,7 @@ weighting of losses across sources does not.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
@@ -331,17 +332,44 @@ class DetHead(FCOS):
         return self.losses(features, image_size, targets) if targets is not None else self.detect(features, image_size)
 
 
-def resize_bilinear(x: Tensor, size=None, scale_factor=None, channels_last: bool | None = None) -> Tensor:
-    """Bilinear resizing (``align_corners=False``); on CUDA of a channels_last copy of ``x``.
+@functools.lru_cache(maxsize=256)
+def _axis_weights(n_in: int, n_out: int | None, scale: float | None, dtype: torch.dtype) -> Tensor:
+    """(n_out, n_in): 1-d linear interpolation (``align_corners=False``) as a matrix, its rows built by
+    ``F.interpolate`` itself from the unit signals, so the weights are the library's."""
+    eye = torch.eye(n_in).unsqueeze(1)
+    w = F.interpolate(eye, size=n_out, scale_factor=scale, mode="linear", align_corners=False)
+    return w.squeeze(1).T.to(dtype).contiguous()
 
-    On CUDA, PyTorch's kernel for a contiguous (NCHW) tensor runs one thread per output pixel,
+
+def _resize_separable(x: Tensor, size, scale_factor) -> Tensor:
+    h, w = x.shape[-2:]
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+        uh, uw = _axis_weights(h, size[0], None, x.dtype), _axis_weights(w, size[1], None, x.dtype)
+    else:
+        sh, sw = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+        uh, uw = _axis_weights(h, None, float(sh), x.dtype), _axis_weights(w, None, float(sw), x.dtype)
+    return uh @ x @ uw.T
+
+
+def resize_bilinear(x: Tensor, size=None, scale_factor=None, channels_last: bool | None = None) -> Tensor:
+    """Bilinear resizing (``align_corners=False``): on the CPU as two matmuls, on CUDA of a channels_last copy.
+
+    CPU (``channels_last=None``): bilinear resizing is one linear map per axis, so ``Uh @ x @ Uw.T``
+    with the per-axis weights of ``F.interpolate`` (:func:`_axis_weights`) gives its values to float
+    rounding. PyTorch's CPU kernel copies its input and its backward scatters pixel by pixel: for the
+    seg logits of a default batch (16 x 21 maps, 16 -> 64 px) forward + backward took 11.5 ms there
+    and 3.5 ms as matmuls (2 threads), a quarter of what a seg step costs beyond the backbone.
+
+    CUDA: PyTorch's kernel for a contiguous (NCHW) tensor runs one thread per output pixel,
     each looping over batch x channels: on the seg head's small maps (64 images x 128 channels,
     12x12 -> 24x24) one call took 1.5 ms, and upsampling took two thirds of the GPU time of a
     seg step on an H200 (GroupNorm returns NCHW even in a channels_last net). The channels_last
-    kernel runs one thread per output value. ``channels_last`` (default: ``x.is_cuda``) forces
-    either path; on CPU both give the same values to float rounding and about the same time, and
-    the CPU keeps the NCHW path, so CPU runs stay bit-identical to earlier ones.
+    kernel runs one thread per output value. ``channels_last`` True or False forces that kernel
+    on a channels_last or an NCHW tensor, on any device.
     """
+    if channels_last is None and x.device.type == "cpu":
+        return _resize_separable(x, size, scale_factor)
     if x.is_cuda if channels_last is None else channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False)
