@@ -195,6 +195,35 @@ def branches(stage: str, runner: Runner) -> int:
     return len(runner.module.net.tasks) if stage == "expansion" else 1
 
 
+def seg_loss_ms(runner: Runner, repeats: int) -> float:
+    """Median ms of the seg loss alone (forward + backward): the seg head's logits at its finest
+    stride, resized to the image and scored by cross-entropy per pixel, as ``SegTask.loss`` does.
+
+    Every seg step pays it on top of the backbone, whatever its neck and head, so
+    ``plain / (plain + loss)`` is about the best ratio a seg head that cost nothing could reach.
+    """
+    from xlearner.models.heads import resize_bilinear
+    from xlearner.tasks import seg_loss
+
+    net = runner.module.net
+    name, b = next(iter(runner.batch.items()))
+    head = net.task_heads.heads[name]
+    n, _, h, w = b["images"].shape
+    stride = min(net.backbone.strides)
+    logits = torch.randn(n, NUM_CLASSES["seg"], h // stride, w // stride, device=runner.device, requires_grad=True)
+    times = []
+    for i in range(repeats + 3):
+        sync(runner.device)
+        t0 = time.perf_counter()
+        with runner.autocast():
+            loss = seg_loss(resize_bilinear(logits, size=(h, w)), b["masks"], head.class_weight)
+        loss.float().backward()
+        sync(runner.device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,6 +363,12 @@ def main() -> None:
         print(f"{st:<10} {a.images:>11d} {a.images_per_s():>12.1f} {b.images_per_s():>12.1f} "
               f"{rows[st]['step_ms']:>9.1f} {rows[st]['plain_step_ms']:>9.1f}  {ratio:.2f}"
               + (f" (vs plain/{t})" if t > 1 else ""))
+    if "msst_seg" in runners:
+        plain_ms = rows["msst_seg"]["plain_step_ms"]
+        loss_ms = seg_loss_ms(runners["msst_seg"][0], args.rounds * args.steps)
+        rows["msst_seg"]["loss_ms"] = loss_ms
+        print(f"msst_seg: its loss alone (resize + per-pixel CE, fwd + bwd) takes {loss_ms:.1f} ms: a seg head "
+              f"that cost nothing would reach a ratio of about {plain_ms / (plain_ms + loss_ms):.2f}")
     print("ratios (stage images/s / reference images/s): "
           + ", ".join(f"{st} {v['ratio']:.2f}" for st, v in rows.items()))
     if args.json:
