@@ -197,13 +197,14 @@ def branches(stage: str, runner: Runner) -> int:
 
 def seg_loss_ms(runner: Runner, repeats: int) -> float:
     """Median ms of the seg loss alone (forward + backward): the seg head's logits at its finest
-    stride, resized to the image and scored by cross-entropy per pixel, as ``SegTask.loss`` does.
+    stride, scored as ``SegTask.loss`` does (resized to the image and cross-entropy per pixel, or
+    with ``seg_loss_points`` the cross-entropy on that many sampled pixels per image).
 
     Every seg step pays it on top of the backbone, whatever its neck and head, so
     ``plain / (plain + loss)`` is about the best ratio a seg head that cost nothing could reach.
     """
     from xlearner.models.heads import resize_bilinear
-    from xlearner.tasks import seg_loss
+    from xlearner.tasks import point_seg_loss, seg_loss
 
     net = runner.module.net
     name, b = next(iter(runner.batch.items()))
@@ -216,7 +217,10 @@ def seg_loss_ms(runner: Runner, repeats: int) -> float:
         sync(runner.device)
         t0 = time.perf_counter()
         with runner.autocast():
-            loss = seg_loss(resize_bilinear(logits, size=(h, w)), b["masks"], head.class_weight)
+            if head.loss_points:
+                loss = point_seg_loss(logits, b["masks"], head.loss_points, head.class_weight)
+            else:
+                loss = seg_loss(resize_bilinear(logits, size=(h, w)), b["masks"], head.class_weight)
         loss.float().backward()
         sync(runner.device)
         if i >= 3:
@@ -367,7 +371,9 @@ def main() -> None:
         plain_ms = rows["msst_seg"]["plain_step_ms"]
         loss_ms = seg_loss_ms(runners["msst_seg"][0], args.rounds * args.steps)
         rows["msst_seg"]["loss_ms"] = loss_ms
-        print(f"msst_seg: its loss alone (resize + per-pixel CE, fwd + bwd) takes {loss_ms:.1f} ms: a seg head "
+        points = runners["msst_seg"][0].module.net.task_heads.heads[next(iter(runners["msst_seg"][0].batch))].loss_points
+        what = f"CE on {points} sampled pixels per image" if points else "resize + per-pixel CE"
+        print(f"msst_seg: its loss alone ({what}, fwd + bwd) takes {loss_ms:.1f} ms: a seg head "
               f"that cost nothing would reach a ratio of about {plain_ms / (plain_ms + loss_ms):.2f}")
     print("ratios (stage images/s / reference images/s): "
           + ", ".join(f"{st} {v['ratio']:.2f}" for st, v in rows.items()))

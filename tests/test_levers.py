@@ -269,8 +269,9 @@ NEW_ABLATIONS = {
     "distill_weight_x0.25": ("squeeze.distill_weight", 0.25),
     "task_balanced_loss": ("sources.digits.loss_weight", 0.5),  # two cls sources share one unit
     "task_balanced_sampling": ("sources.digits.batch_size", 2),  # (4 + 4 + 2 + 2) / 3 tasks / 2 cls sources
+    "seg_linear_head": ("seg_head", "linear"),
 }
-OWN_EXPANSION = {"reconcile_all_stages", "task_balanced_loss", "task_balanced_sampling"}
+OWN_EXPANSION = {"reconcile_all_stages", "task_balanced_loss", "task_balanced_sampling", "seg_linear_head"}
 
 
 @pytest.mark.parametrize("name", sorted(NEW_ABLATIONS))
@@ -287,6 +288,8 @@ def test_each_lever_ablation_builds_its_parts(name, tmp_path):
     section, *rest = key.split(".")
     if section == "sources":
         assert getattr(acfg.source(rest[0]), rest[1]) == value
+    elif not rest:
+        assert getattr(acfg, section) == value
     else:
         assert getattr(getattr(acfg, section), rest[0]) == value
     parts, methods = build_parts(cfg, tmp_path, name)

@@ -249,3 +249,84 @@ def test_seg_background_weight_reaches_the_upstream_and_transfer_heads():
         head = seg.build_head(neck, 5, [4, 8], [4, 8], opts)
         assert head.class_weight.tolist() == pytest.approx([0.1, 1, 1, 1, 1])
         assert "class_weight" not in head.state_dict()  # not saved: checkpoints stay loadable
+
+
+# ----------------------------------------------------------------------------- point-sampled seg loss
+def test_seg_loss_at_every_pixel_is_seg_loss_in_value_and_gradient():
+    """Sampling the head-stride logits at all pixel centres (any order) is the upsampled CE itself:
+    the sampling geometry is bilinear upsampling's, edges included."""
+    from xlearner.tasks import seg_loss_at
+
+    weight = torch.tensor([0.1, 1.0, 2.0, 1.0, 0.5])
+    for (h, w), (big_h, big_w) in [((16, 16), (64, 64)), ((5, 7), (20, 28)), ((6, 6), (6, 6))]:
+        logits = _randn(3, 5, h, w).requires_grad_(True)
+        masks = torch.randint(0, 5, (3, big_h, big_w), generator=torch.Generator().manual_seed(1))
+        masks[0, :2] = 255  # ignored rows
+        g = torch.Generator().manual_seed(2)
+        pixels = torch.stack([torch.randperm(big_h * big_w, generator=g) for _ in range(3)])
+        for cw in (None, weight):
+            full = seg_loss(logits, masks, cw)
+            (g_full,) = torch.autograd.grad(full, logits)
+            at = seg_loss_at(logits, masks, pixels, cw)
+            (g_at,) = torch.autograd.grad(at, logits)
+            assert float(at.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+            torch.testing.assert_close(g_at, g_full, rtol=1e-4, atol=1e-7)
+
+
+def test_seg_loss_at_reads_the_labels_and_logits_of_the_drawn_pixels():
+    from xlearner.tasks import seg_loss_at
+
+    # logits 1x1 per class everywhere except class 1 wins at the top-left pixel only (full-size logits)
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, 0, 0] = 10.0
+    masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    masks[0, 0, 0] = 1
+    right = seg_loss_at(logits, masks, torch.tensor([[0]]))  # the top-left pixel: label 1, logit 10 for it
+    wrong = seg_loss_at(logits, masks, torch.tensor([[5]]))  # pixel (1, 1): label 0, logits equal
+    assert float(right) == pytest.approx(math.log(1 + math.exp(-10)), abs=1e-6)
+    assert float(wrong) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_point_seg_loss_estimates_the_full_loss_without_bias():
+    """A position-dependent loss: a sampler that favoured some rows or columns would be biased."""
+    from xlearner.tasks import point_seg_loss
+
+    yy, xx = torch.meshgrid(torch.linspace(-3, 3, 16), torch.linspace(-2, 2, 16), indexing="ij")
+    logits = torch.stack([yy, xx, yy * xx]).unsqueeze(0).repeat(2, 1, 1, 1)
+    masks = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(0))
+    full = float(seg_loss(logits, masks))
+    torch.manual_seed(0)
+    draws = torch.stack([point_seg_loss(logits, masks, 256) for _ in range(300)])
+    assert float(draws.mean()) == pytest.approx(full, rel=0.01)
+    assert float(draws.std()) > 0.01  # it does sample (not the full loss every time)
+    assert float(point_seg_loss(logits, masks, 64 * 64)) == pytest.approx(full, rel=1e-6)  # all pixels: exact
+
+
+def test_seg_loss_points_reach_the_upstream_heads_and_change_only_the_loss():
+    from xlearner.tasks import HeadOptions, get
+
+    seg = get("seg")
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    masks = torch.randint(0, 4, (2, 32, 32))
+    for head_kind in ("fpn", "linear"):
+        opts = HeadOptions(fpn_channels=8, seg_head=head_kind, seg_loss_points=100)
+        neck = seg.build_neck([4, 8], [4, 8], opts)
+        head = seg.build_head(neck, 4, [4, 8], [4, 8], opts)
+        assert head.loss_points == 100
+        feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+        out = neck(feats)
+        # the prediction is the full-size upsampled logits, whatever the loss samples
+        with torch.no_grad():
+            torch.testing.assert_close(head(out, (32, 32)), F.interpolate(head.logits(out), size=(32, 32),
+                                                                           mode="bilinear", align_corners=False))
+        batch = {"images": images, "masks": masks}
+        with torch.no_grad():
+            torch.manual_seed(1)
+            a = seg.loss(head, out, batch)
+            torch.manual_seed(2)
+            b = seg.loss(head, out, batch)
+            head.loss_points = 0
+            full = seg.loss(head, out, batch)
+        assert float(a) != float(b)  # a new draw each call
+        assert float(a) == pytest.approx(float(full), rel=0.2) and float(b) == pytest.approx(float(full), rel=0.2)

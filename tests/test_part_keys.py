@@ -85,6 +85,9 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     ("train.lr=0.001", EVERYTHING),
     ("sources.glyph_det.batch_size=2", EVERYTHING),
     ("seed=1", EVERYTHING),
+    # the upstream seg head and its loss: every stage (the stages share one key of the upstream settings)
+    ("seg_head=fpn", EVERYTHING),
+    ("seg_loss_points=100", EVERYTHING),
     # settings no result depends on: display, checkpoint frequency, loader workers, the compile mode, the
     # teacher folder (the main job sets it)
     ("train.progress=false", set()),
@@ -131,7 +134,7 @@ def _abl(name: str, *stages: str) -> set[str]:
 SQUEEZE_ONLY = ["squeeze_scratch", "no_distill", "multi_teacher", "teacher_source_bn", "generalist_teacher",
                 "distill_cosine", "distill_cka", "kd_logits", "distill_weight_x4", "distill_weight_x0.25"]
 RETRAIN_EXPANSION = ["no_reconciliation", "no_detach", "reconcile_all_stages",
-                     "task_balanced_loss", "task_balanced_sampling"]  # expansion settings, or the sources' settings
+                     "task_balanced_loss", "task_balanced_sampling", "seg_fpn_head"]  # expansion, source or head settings
 
 EXTRA_PARTS = {
     # squeeze settings only: a new student distilled from the main expansion model
@@ -140,6 +143,8 @@ EXTRA_PARTS = {
     **{n: _abl(n, "expansion", "squeeze") for n in RETRAIN_EXPANSION},
     # the main expansion model's cls branch exported as is: no stage trained
     "expansion_direct": _abl("expansion_direct"),
+    # quick's seg head is already the linear one: the ablation changes nothing and is skipped
+    "seg_linear_head": set(),
 }
 METHOD_STAGES = {
     **{n: ["expansion", f"ablations/{n}/squeeze"] for n in SQUEEZE_ONLY},
@@ -149,10 +154,14 @@ METHOD_STAGES = {
 }
 
 
+NO_OP_IN_QUICK = {"seg_linear_head"}
+
+
 def test_every_ablation_has_an_expectation():
     assert set(EXTRA_PARTS) == set(ABLATIONS)
 
 
+@pytest.mark.filterwarnings("ignore:ablation seg_linear_head changes nothing")
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_an_ablation_adds_exactly_its_own_parts_and_leaves_the_main_keys(base, name):
     keys = _keys(_cfg(), ablation=name)
@@ -162,8 +171,19 @@ def test_an_ablation_adds_exactly_its_own_parts_and_leaves_the_main_keys(base, n
     assert set(base) <= set(keys)
     assert {n: keys[n] for n in base} == base  # the main parts are reused as they are
     methods = _methods(_cfg(), ablation=name)
+    if name in NO_OP_IN_QUICK:
+        assert f"xlearner[{name}]" not in methods and set(methods) == {"xlearner", *METHODS[1:]}
+        return
     assert methods[f"xlearner[{name}]"] == METHOD_STAGES[name]
     assert set(methods) == {"xlearner", *METHODS[1:], f"xlearner[{name}]"}
+
+
+def test_an_ablation_that_changes_nothing_is_skipped_with_a_warning():
+    """quick's upstream seg head is already linear: ``seg_linear_head`` would train X-Learner twice."""
+    with pytest.warns(UserWarning, match="seg_linear_head changes nothing in this config.*skipped"):
+        parts, methods = build_parts(_cfg(), OUT, ["seg_linear_head", "seg_fpn_head"])
+    assert "xlearner[seg_linear_head]" not in methods and "xlearner[seg_fpn_head]" in methods
+    assert not any(p.name.startswith("ablations/seg_linear_head") for p in parts)
 
 
 def test_squeeze_ablation_follows_the_main_expansion_model():

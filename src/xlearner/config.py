@@ -356,6 +356,12 @@ class RunConfig(_Strict):
     seg_background_weight: float = Field(1.0, gt=0)
     """Weight of class 0 (background) in the upstream segmentation cross-entropy (mmseg's
     ``class_weight``): below 1 where background covers most pixels and would drown the glyph classes."""
+    seg_head: Literal["fpn", "linear"] = "fpn"
+    """Upstream segmentation head: FPN + Panoptic-FPN head, or the linear dense head (BN + 1x1 conv
+    per level). Like the FCOS towers, it is a training signal for the backbone and is not transferred."""
+    seg_loss_points: int = Field(0, ge=0)
+    """Upstream segmentation CE on this many pixels per image, drawn uniformly at random each step
+    (Mask2Former's point loss, uniform sampling); 0: every pixel."""
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     augment: AugmentSet = Field(default_factory=AugmentSet)
     """Per-task training augmentation; ``augment.of(task)``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,13 @@ def _balanced_sampling(cfg: RunConfig) -> list[str]:
     return [f"sources.{s.name}.batch_size={max(1, round(total / len(cfg.tasks) / n[s.task]))}" for s in cfg.sources]
 
 
+def _linear_seg_head(cfg: RunConfig) -> list[str]:
+    """The upstream seg branch with the linear dense head and CE on a quarter of each image's pixels
+    (the heads of ``default``)."""
+    side = max((cfg.size_of(s) for s in cfg.sources if s.task == "seg"), default=cfg.image_size)
+    return ["seg_head=linear", f"seg_loss_points={side * side // 4}"]
+
+
 _Overrides = list[str] | Callable[[RunConfig], list[str]]
 
 _METHOD_ABLATIONS: dict[str, _Overrides] = {
@@ -44,6 +52,9 @@ _METHOD_ABLATIONS: dict[str, _Overrides] = {
     "squeeze_scratch": ["squeeze.init=scratch"],
     "no_distill": ["squeeze.distill_weight=0", "squeeze.kd_weight=0"],
     "expansion_direct": [],  # the expansion cls branch is transferred instead of the squeezed student
+    # the upstream seg branch with the Panoptic-FPN head and every pixel's CE (the presets' head before the
+    # linear one: docs/levers.md, "The upstream seg head")
+    "seg_fpn_head": ["seg_head=fpn", "seg_loss_points=0"],
 }
 _LEVER_ABLATIONS: dict[str, _Overrides] = {  # the method levers of the anchors (docs/levers.md)
     "reconcile_all_stages": ["expansion.reconcile_from=all"],
@@ -57,6 +68,7 @@ _LEVER_ABLATIONS: dict[str, _Overrides] = {  # the method levers of the anchors 
     "distill_weight_x0.25": lambda cfg: [f"squeeze.distill_weight={0.25 * cfg.squeeze.distill_weight}"],
     "task_balanced_loss": _balanced_loss,
     "task_balanced_sampling": _balanced_sampling,
+    "seg_linear_head": _linear_seg_head,
 }
 ABLATIONS: dict[str, _Overrides] = {**_METHOD_ABLATIONS, **_LEVER_ABLATIONS}
 """Ablation name -> overrides of the X-Learner config (or a function of the config giving them)."""
@@ -118,7 +130,8 @@ def _sections(cfg: RunConfig, *names: str) -> dict:
             for n in names}
 
 
-UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "seg_background_weight", "backbone", "augment", "sources", "train")
+UPSTREAM = ("seed", "image_size", "fpn_channels", "det_head_convs", "seg_background_weight", "seg_head",
+            "seg_loss_points", "backbone", "augment", "sources", "train")
 
 
 @dataclass
@@ -241,6 +254,10 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | list[str] | None = No
     xlearner_parts("", cfg, "xlearner", direct=False)
     for name in ablation_names(ablation):
         acfg = load_config_like(cfg, ablation_overrides(name, cfg))
+        if name != "expansion_direct" and acfg.to_dict() == cfg.to_dict():
+            warnings.warn(f"ablation {name} changes nothing in this config ({', '.join(ablation_overrides(name, cfg))} "
+                          f"already hold): skipped", stacklevel=2)
+            continue
         xlearner_parts(f"ablations/{name}/", acfg, f"xlearner[{name}]", direct=name == "expansion_direct")
 
     # --- baselines on the same engine, for baselines.steps (the registry's baseline stages) -----

@@ -34,6 +34,8 @@ class HeadOptions:
     """``fpn``: Panoptic-FPN head on an FPN; ``linear``: linear dense probe on the raw features."""
     seg_background_weight: float = 1.0
     """Weight of class 0 (background) in the segmentation cross-entropy."""
+    seg_loss_points: int = 0
+    """Segmentation CE on this many random pixels per image (:func:`point_seg_loss`); 0: every pixel."""
 
 
 def image_size_of(images: Tensor) -> tuple[int, int]:
@@ -286,6 +288,32 @@ def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None) 
     return total / pixel_weight.sum().clamp(min=1e-12)
 
 
+def point_seg_loss(logits: Tensor, masks: Tensor, points: int, class_weight: Tensor | None = None) -> Tensor:
+    """:func:`seg_loss` on ``points`` pixels per image, drawn uniformly without replacement from torch's
+    RNG (Mask2Former's point loss, Cheng et al. 2022, with uniform sampling).
+
+    ``logits`` stay at the head's stride: they are sampled bilinearly at the drawn pixels' centres,
+    which gives the values that upsampling them to the mask size would have there, without computing
+    the others. Per-pixel CE at the input size costs about as much as a light seg head on a CPU."""
+    b, (h, w) = masks.shape[0], masks.shape[-2:]
+    if points >= h * w:
+        return seg_loss(logits, masks, class_weight)
+    pixels = torch.rand(b, h * w, device=masks.device).topk(points, dim=1).indices
+    return seg_loss_at(logits, masks, pixels, class_weight)
+
+
+def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    """:func:`seg_loss` over the pixels ``pixels`` (B,P) (flat indices into the (H,W) masks) only."""
+    h, w = masks.shape[-2:]
+    ys, xs = (pixels // w).to(logits.dtype), (pixels % w).to(logits.dtype)
+    # grid_sample's align_corners=False maps [-1, 1] to the maps' outer edges, as F.interpolate does
+    # to the mask's: a pixel centre (x + 0.5) / w is where bilinear upsampling samples for that pixel,
+    # and border padding is its clamping at the edges
+    grid = torch.stack(((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1), dim=-1).unsqueeze(1)
+    sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight)
+
+
 def background_weights(num_classes: int, background_weight: float) -> Tensor | None:
     """Per-class CE weights with class 0 (background) at ``background_weight``; None for 1 (plain CE)."""
     if background_weight == 1.0:
@@ -316,10 +344,16 @@ class SegTask(Task):
 
         weight = background_weights(num_classes, opts.seg_background_weight)
         if opts.seg_head == "linear":
-            return LinearSegHead(list(channels), num_classes, list(strides), class_weight=weight)
-        return SegHead(opts.fpn_channels, num_classes, list(strides), class_weight=weight)
+            head = LinearSegHead(list(channels), num_classes, list(strides), class_weight=weight)
+        else:
+            head = SegHead(opts.fpn_channels, num_classes, list(strides), class_weight=weight)
+        head.loss_points = opts.seg_loss_points
+        return head
 
     def loss(self, head, neck_out, batch):
+        points = getattr(head, "loss_points", 0)
+        if points:
+            return point_seg_loss(head.logits(neck_out), batch["masks"], points, head.class_weight)
         return seg_loss(head(neck_out, image_size_of(batch["images"])), batch["masks"], head.class_weight)
 
     def predict(self, head, neck_out, images):

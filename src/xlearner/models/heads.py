@@ -382,6 +382,13 @@ class Upsample2x(nn.Module):
         return resize_bilinear(x, scale_factor=2)
 
 
+def _upsample_logits(logits: Tensor, base_stride: int, image_size: tuple[int, int] | None) -> Tensor:
+    """Logits at ``base_stride`` -> at ``image_size`` (default: their size times the stride)."""
+    if image_size is None:
+        image_size = (logits.shape[-2] * base_stride, logits.shape[-1] * base_stride)
+    return resize_bilinear(logits, size=tuple(int(v) for v in image_size))
+
+
 class _ConvGNReLU(nn.Sequential):
     def __init__(self, cin: int, cout: int):
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(_groups(cout), cout),
@@ -411,17 +418,18 @@ class SegHead(nn.Module):
             self.scale_heads.append(nn.Sequential(*blocks))
         self.predictor = nn.Conv2d(hidden, num_classes, 1)
 
-    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> Tensor:
+    def logits(self, features: list[Tensor]) -> Tensor:
+        """(B,K,h,w) logits at the finest level's stride."""
         x = None
         for f, head in zip(features, self.scale_heads):
             y = head(f)
             if x is not None and y.shape[-2:] != x.shape[-2:]:
                 y = resize_bilinear(y, size=x.shape[-2:])
             x = y if x is None else x + y
-        logits = self.predictor(x)
-        if image_size is None:
-            image_size = (logits.shape[-2] * self.base_stride, logits.shape[-1] * self.base_stride)
-        return resize_bilinear(logits, size=tuple(int(v) for v in image_size))
+        return self.predictor(x)
+
+    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> Tensor:
+        return _upsample_logits(self.logits(features), self.base_stride, image_size)
 
 
 class PassFeatures(nn.Module):
@@ -448,7 +456,8 @@ class LinearSegHead(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in in_channels_list)
         self.classifiers = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in in_channels_list)
 
-    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> Tensor:
+    def logits(self, features: list[Tensor]) -> Tensor:
+        """(B,K,h,w) logits at the finest level's stride."""
         size = features[0].shape[-2:]
         logits = None
         for f, norm, clf in zip(features, self.norms, self.classifiers):
@@ -456,6 +465,7 @@ class LinearSegHead(nn.Module):
             if y.shape[-2:] != size:
                 y = resize_bilinear(y, size=size)
             logits = y if logits is None else logits + y
-        if image_size is None:
-            image_size = (size[0] * self.base_stride, size[1] * self.base_stride)
-        return resize_bilinear(logits, size=tuple(int(v) for v in image_size))
+        return logits
+
+    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> Tensor:
+        return _upsample_logits(self.logits(features), self.base_stride, image_size)

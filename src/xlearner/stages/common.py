@@ -175,6 +175,7 @@ def head_options(cfg: RunConfig, specs) -> "tasks.HeadOptions":
         if s.name in names:
             sizes[s.task] = max(sizes.get(s.task, 0), cfg.size_of(s))
     return tasks.HeadOptions(fpn_channels=cfg.fpn_channels, det_head_convs=cfg.det_head_convs, image_sizes=sizes,
+                             seg_head=cfg.seg_head, seg_loss_points=cfg.seg_loss_points,
                              seg_background_weight=cfg.seg_background_weight)
 
 
