@@ -38,10 +38,9 @@ def _balanced_sampling(cfg: RunConfig) -> list[str]:
 
 
 def _linear_seg_head(cfg: RunConfig) -> list[str]:
-    """The upstream seg branch with the linear dense head and CE on a quarter of each image's pixels
-    (the heads of ``default``)."""
-    side = max((cfg.size_of(s) for s in cfg.sources if s.task == "seg"), default=cfg.image_size)
-    return ["seg_head=linear", f"seg_loss_points={side * side // 4}"]
+    """The upstream seg branch with the linear dense head and CE on a quarter of the pixels of an
+    ``image_size`` image (the heads of ``default``)."""
+    return ["seg_head=linear", f"seg_loss_points={cfg.image_size ** 2 // 4}"]
 
 
 _Overrides = list[str] | Callable[[RunConfig], list[str]]
