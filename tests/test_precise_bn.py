@@ -89,3 +89,17 @@ def test_precise_bn_statistics_are_exact_and_mode_is_kept():
         # cumulative average of the per-batch means (equal batch sizes: the mean of all images)
         assert torch.allclose(bn.running_mean, xs.mean().view(1), atol=1e-5)
     assert stage.net[0].training  # back in train mode
+
+
+def test_a_batchnorm_the_run_does_not_reach_keeps_its_statistics():
+    """A head's BN (the linear seg head has one) is outside ``run_backbone``: reset to mean 0 and
+    variance 1, it would normalise the head's input with statistics it never had."""
+    backbone, head = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    head.running_mean.fill_(5.0)
+    head.running_var.fill_(4.0)
+    owner = nn.ModuleDict({"backbone": backbone, "head": head})
+    loader = [{"images": torch.randn(8, 3) + 2.0} for _ in range(3)]
+    with common.precise_bn(owner, backbone, loader):
+        assert torch.allclose(backbone.running_mean, torch.cat([b["images"] for b in loader]).mean(0), atol=1e-5)
+        assert head.running_mean.tolist() == [5.0] * 3 and head.running_var.tolist() == [4.0] * 3
+    assert head.running_mean.tolist() == [5.0] * 3

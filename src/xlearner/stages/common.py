@@ -243,8 +243,11 @@ def estimate_bn_statistics(bns: list, run: Callable[[Tensor], object], batches) 
     """Precise BN: every BN's running mean/var as the equal-weight average over ``batches``
     (momentum None; the layers normalise with batch statistics while they are gathered).
     ``run(images)`` runs the nets owning ``bns``; their momentum and mode are restored, the
-    new statistics stay in the buffers and are returned (CPU copies)."""
+    new statistics stay in the buffers and are returned (CPU copies). A BN that ``run`` does not
+    reach (a head's, where ``run`` is the backbone) keeps the statistics it had: reset, it would
+    normalise with mean 0 and variance 1."""
     saved = [(m.momentum, m.training) for m in bns]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch weighs the same
@@ -255,6 +258,9 @@ def estimate_bn_statistics(bns: list, run: Callable[[Tensor], object], batches) 
         n += 1
     if n == 0:
         raise ValueError("precise BN: no batch to estimate the statistics on")
+    for m, state in zip(bns, before):
+        if int(m.num_batches_tracked) == 0:
+            m.load_state_dict(state)
     stats = [(m.running_mean.detach().cpu().clone(), m.running_var.detach().cpu().clone()) for m in bns]
     for m, (momentum, training) in zip(bns, saved):
         m.momentum = momentum
