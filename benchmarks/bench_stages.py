@@ -203,8 +203,7 @@ def seg_loss_ms(runner: Runner, repeats: int) -> float:
     Every seg step pays it on top of the backbone, whatever its neck and head, so
     ``plain / (plain + loss)`` is about the best ratio a seg head that cost nothing could reach.
     """
-    from xlearner.models.heads import resize_bilinear
-    from xlearner.tasks import point_seg_loss, seg_loss
+    from xlearner.tasks import head_seg_loss
 
     net = runner.module.net
     name, b = next(iter(runner.batch.items()))
@@ -217,10 +216,7 @@ def seg_loss_ms(runner: Runner, repeats: int) -> float:
         sync(runner.device)
         t0 = time.perf_counter()
         with runner.autocast():
-            if head.loss_points:
-                loss = point_seg_loss(logits, b["masks"], head.loss_points, head.class_weight)
-            else:
-                loss = seg_loss(resize_bilinear(logits, size=(h, w)), b["masks"], head.class_weight)
+            loss = head_seg_loss(head, logits, b["masks"])
         loss.float().backward()
         sync(runner.device)
         if i >= 3:
@@ -371,7 +367,7 @@ def main() -> None:
         plain_ms = rows["msst_seg"]["plain_step_ms"]
         loss_ms = seg_loss_ms(runners["msst_seg"][0], args.rounds * args.steps)
         rows["msst_seg"]["loss_ms"] = loss_ms
-        points = runners["msst_seg"][0].module.net.task_heads.heads[next(iter(runners["msst_seg"][0].batch))].loss_points
+        points = next(iter(runners["msst_seg"][0].module.net.task_heads.heads.values())).loss_points
         what = f"CE on {points} sampled pixels per image" if points else "resize + per-pixel CE"
         print(f"msst_seg: its loss alone ({what}, fwd + bwd) takes {loss_ms:.1f} ms: a seg head "
               f"that cost nothing would reach a ratio of about {plain_ms / (plain_ms + loss_ms):.2f}")

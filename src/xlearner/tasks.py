@@ -314,6 +314,15 @@ def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Ten
     return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight)
 
 
+def head_seg_loss(head, logits: Tensor, masks: Tensor) -> Tensor:
+    """The loss a seg head trains with, from its logits at its own stride: :func:`point_seg_loss`
+    where the head has ``loss_points``, else :func:`seg_loss` (which upsamples them to the masks)."""
+    points = getattr(head, "loss_points", 0)
+    if points:
+        return point_seg_loss(logits, masks, points, head.class_weight)
+    return seg_loss(logits, masks, head.class_weight)
+
+
 def background_weights(num_classes: int, background_weight: float) -> Tensor | None:
     """Per-class CE weights with class 0 (background) at ``background_weight``; None for 1 (plain CE)."""
     if background_weight == 1.0:
@@ -351,10 +360,7 @@ class SegTask(Task):
         return head
 
     def loss(self, head, neck_out, batch):
-        points = getattr(head, "loss_points", 0)
-        if points:
-            return point_seg_loss(head.logits(neck_out), batch["masks"], points, head.class_weight)
-        return seg_loss(head(neck_out, image_size_of(batch["images"])), batch["masks"], head.class_weight)
+        return head_seg_loss(head, head.logits(neck_out), batch["masks"])
 
     def predict(self, head, neck_out, images):
         return head(neck_out, image_size_of(images))
