@@ -243,3 +243,37 @@ def test_report_says_when_scores_are_on_validation_splits(run_dir):
     f = next((run_dir / "transfer" / "ssst").glob("*.json"))
     f.write_text(json.dumps({**json.loads(f.read_text()), "eval_split": "test"}))
     assert "Mixed splits" in write_report(run_dir).read_text()
+
+
+def _fake_results(run_dir, ref_means, gains):
+    """A results.json as `xlearner report` writes it, with X-Learner's averages and one lever's gains."""
+    run_dir.mkdir()
+    abl = {"xlearner[lever]": {t: {"mean": ref_means[t] + g, "gain": g, "se": 0.1, "verdict": "tie"}
+                               for t, g in gains.items()}}
+    res = {"reference": "xlearner", "ablations": abl,
+           "per_task": {t: {"xlearner": {"mean": m}} for t, m in ref_means.items()}}
+    (run_dir / "results.json").write_text(json.dumps(res))
+    return run_dir
+
+
+def test_upstream_seed_summary_judges_a_lever_on_the_spread_between_runs(tmp_path):
+    """lever_seeds.py --summarise: the mean of the per-run gains, its s.e. over runs (not over the
+    runs' transfer seeds), and win / loss where |mean| > 2 s.e."""
+    from xlearner.report import render_upstream_seed_summary, upstream_seed_summary
+
+    ref = {"cls": 90.0, "det": 5.0, "seg": 20.0}
+    runs = [_fake_results(tmp_path / f"s{i}", ref, {"cls": c, "det": d, "seg": 1.0 + 0.1 * i})
+            for i, (c, d) in enumerate([(2.0, -1.0), (-2.0, -1.2), (0.3, -0.8)])]
+    summ = upstream_seed_summary(runs)
+    lever = summ["levers"]["xlearner[lever]"]
+    assert lever["cls"]["gain"] == pytest.approx(0.1) and lever["cls"]["verdict"] == "tie"
+    assert lever["det"]["gain"] == pytest.approx(-1.0)
+    assert lever["det"]["se"] == pytest.approx(0.2 / 3 ** 0.5)  # sample std 0.2 over 3 runs
+    assert lever["det"]["verdict"] == "loss" and lever["seg"]["verdict"] == "win"
+    assert lever["seg"]["n"] == 3
+    text = render_upstream_seed_summary(summ)
+    assert "-1.0 ± 0.1 (loss)" in text and "90.0 / 5.0 / 20.0" in text and "(n = 3)" in text
+    with pytest.raises(ValueError, match="given twice"):
+        upstream_seed_summary([runs[0], runs[0]])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        upstream_seed_summary([runs[0], tmp_path / "missing"])

@@ -502,6 +502,59 @@ def _ablation_section(res: dict[str, Any]) -> list[str]:
     return L + _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
 
 
+def upstream_seed_summary(run_dirs: list[str | Path]) -> dict[str, Any]:
+    """Each ablation's gain over X-Learner per task type across runs at different upstream seeds.
+
+    A run's own s.e. covers its transfer seeds only; the spread between upstream trainings is
+    larger, so a lever is judged on the mean of its per-run gains with the s.e. over runs.
+    Reads each run's results.json (``xlearner report`` writes it); a lever missing from a run is
+    left out of that run's column.
+    """
+    if len({Path(d).resolve() for d in run_dirs}) < len(run_dirs):
+        raise ValueError(f"a run folder is given twice in {[str(d) for d in run_dirs]}: each upstream seed once")
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no results.json; run the job there first (or `xlearner report {d}`)")
+        runs.append((str(d), _read_json(path)))
+    levers = list(dict.fromkeys(m for _, r in runs for m in (r.get("ablations") or {})))
+    tasks = [t for t in _task_order() if any(t in r.get("per_task", {}) for _, r in runs)]
+    out: dict[str, Any] = {"runs": [d for d, _ in runs], "tasks": tasks, "reference": {}, "levers": {}}
+    for d, r in runs:
+        ref = r.get("reference")
+        out["reference"][d] = {t: r["per_task"][t][ref]["mean"] for t in tasks
+                               if ref in r.get("per_task", {}).get(t, {})}
+    for m in levers:
+        per_task = {}
+        for t in tasks:
+            per_run = {d: r["ablations"][m][t] for d, r in runs if t in (r.get("ablations") or {}).get(m, {})}
+            g, se, n = _mean_se([v["gain"] for v in per_run.values()])
+            per_task[t] = {"per_run": per_run, "gain": g, "se": se, "n": n, "verdict": verdict(g, se)}
+        out["levers"][m] = per_task
+    return out
+
+
+def render_upstream_seed_summary(summary: dict[str, Any]) -> str:
+    """Markdown: per lever, a row per run (gain ± the run's transfer-seed s.e.), then the mean ± s.e. over runs."""
+    tasks = summary["tasks"]
+    header = ["run", "X-Learner"] + [_task_title(t) for t in tasks]
+    L: list[str] = []
+    for m, per_task in summary["levers"].items():
+        rows = []
+        for d in summary["runs"]:
+            ref = summary["reference"].get(d, {})
+            cells = []
+            for t in tasks:
+                v = per_task[t]["per_run"].get(d)
+                cells.append("-" if v is None else _gain_cell(v["gain"], v["se"], v["verdict"]))
+            rows.append([d, " / ".join(f"{ref[t]:.1f}" if t in ref else "-" for t in tasks)] + cells)
+        rows.append([f"mean ± s.e. over runs (n = {max(p['n'] for p in per_task.values())})", ""]
+                    + [_gain_cell(per_task[t]["gain"], per_task[t]["se"], per_task[t]["verdict"]) for t in tasks])
+        L += [f"### {m}: gain over X-Learner, points", ""] + _table(header, rows) + [""]
+    return "\n".join(L)
+
+
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     methods, ref, ds = res["methods"], res["reference"], res["datasets"]
     L = [f"# X-Learner report: {Path(res['run_dir']).name}", "",
