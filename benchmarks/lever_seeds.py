@@ -10,12 +10,10 @@ skipped) and writes the report (its ablation table is the lever's gain at this s
     python benchmarks/lever_seeds.py --out runs/levers_s1 --seed 1 task_balanced_loss
 
 Overrides (``key=value``) apply to the preset (``--preset``, default ``default``);
-``transfer.eval_split=val`` is always set.
+``transfer.eval_split=val`` is always set. Across upstream seeds, ``xlearner report`` with
+several run folders gives each lever's mean gain ± its s.e. over the runs:
 
-Across upstream seeds, each lever's gain per task type: per run, then the mean ± s.e. over the
-runs (win / loss where |mean| > 2 s.e.):
-
-    python benchmarks/lever_seeds.py --summarise runs/levers_s0 runs/levers_s1 runs/levers_s2
+    xlearner report runs/levers_s0 runs/levers_s1 runs/levers_s2
 """
 from __future__ import annotations
 
@@ -25,20 +23,11 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("levers", nargs="*", help="ablation names (docs/levers.md)")
-    ap.add_argument("--out", help="run folder")
-    ap.add_argument("--seed", type=int, help="upstream seed (the config's seed)")
+    ap.add_argument("levers", nargs="+", help="ablation names (docs/levers.md)")
+    ap.add_argument("--out", required=True, help="run folder")
+    ap.add_argument("--seed", type=int, required=True, help="upstream seed (the config's seed)")
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--summarise", nargs="+", metavar="RUN",
-                    help="instead of training: each lever's gain across these finished run folders")
     args, overrides = ap.parse_known_args()
-    if args.summarise:
-        from xlearner.report import render_upstream_seed_summary, upstream_seed_summary
-
-        print(render_upstream_seed_summary(upstream_seed_summary(args.summarise)))
-        return
-    if not args.levers or args.out is None or args.seed is None:
-        ap.error("give LEVER..., --out and --seed (or --summarise RUN...)")
 
     from xlearner.config import load_config
     from xlearner.pipeline import ablation_names, main_job

@@ -76,7 +76,7 @@ def test_report_without_methods_json(run_dir, capsys):
     from types import SimpleNamespace
 
     from xlearner.report import report_command
-    assert report_command(SimpleNamespace(run_dir=str(run_dir))) == 0
+    assert report_command(SimpleNamespace(run_dir=[str(run_dir)], out=None)) == 0
     res = json.loads((run_dir / "results.json").read_text())
     assert res["methods"][0] == "xlearner"
     assert set(res["methods"]) == {"xlearner", "ssst", "msmt"}
@@ -245,14 +245,18 @@ def test_report_says_when_scores_are_on_validation_splits(run_dir):
     assert "Mixed splits" in write_report(run_dir).read_text()
 
 
-def _fake_results(run_dir, ref_means, gains):
+def _fake_results(run_dir, ref_means, gains, seed=0, baseline_gains=None):
     """A results.json as `xlearner report` writes it, with X-Learner's averages and one lever's gains."""
     run_dir.mkdir()
     abl = {"xlearner[lever]": {t: {"mean": ref_means[t] + g, "gain": g, "se": 0.1, "verdict": "tie"}
                                for t, g in gains.items()}}
     res = {"reference": "xlearner", "ablations": abl,
-           "per_task": {t: {"xlearner": {"mean": m}} for t, m in ref_means.items()}}
+           "per_task": {t: {"xlearner": {"mean": m}} for t, m in ref_means.items()},
+           "gains": {t: {"msmt": g} for t, g in (baseline_gains or {}).items()},
+           "gains_se": {t: {"msmt": 0.5} for t in (baseline_gains or {})},
+           "gains_verdict": {t: {"msmt": "tie"} for t in (baseline_gains or {})}}
     (run_dir / "results.json").write_text(json.dumps(res))
+    (run_dir / "config.yaml").write_text(json.dumps({"name": "default", "seed": seed, "transfer": {"eval_split": "val"}}))
     return run_dir
 
 
@@ -262,7 +266,8 @@ def test_upstream_seed_summary_judges_a_lever_on_the_spread_between_runs(tmp_pat
     from xlearner.report import render_upstream_seed_summary, upstream_seed_summary
 
     ref = {"cls": 90.0, "det": 5.0, "seg": 20.0}
-    runs = [_fake_results(tmp_path / f"s{i}", ref, {"cls": c, "det": d, "seg": 1.0 + 0.1 * i})
+    runs = [_fake_results(tmp_path / f"s{i}", ref, {"cls": c, "det": d, "seg": 1.0 + 0.1 * i}, seed=i,
+                          baseline_gains={"cls": -c, "det": 1.0})
             for i, (c, d) in enumerate([(2.0, -1.0), (-2.0, -1.2), (0.3, -0.8)])]
     summ = upstream_seed_summary(runs)
     lever = summ["levers"]["xlearner[lever]"]
@@ -273,7 +278,45 @@ def test_upstream_seed_summary_judges_a_lever_on_the_spread_between_runs(tmp_pat
     assert lever["seg"]["n"] == 3
     text = render_upstream_seed_summary(summ)
     assert "-1.0 ± 0.1 (loss)" in text and "90.0 / 5.0 / 20.0" in text and "(n = 3)" in text
+    msmt = summ["headline"]["msmt"]  # X-Learner minus msmt, from each run's headline
+    assert msmt["cls"]["gain"] == pytest.approx(-0.1) and msmt["cls"]["n"] == 3
+    assert msmt["det"]["se"] == 0.0 and msmt["det"]["verdict"] == "win"
+    assert "+1.0 ± 0.0 (win) [+1.0, +1.0, +1.0]" in text
     with pytest.raises(ValueError, match="given twice"):
         upstream_seed_summary([runs[0], runs[0]])
+    other = _fake_results(tmp_path / "test_split", ref, {"cls": 0.0}, seed=3)
+    (other / "config.yaml").write_text(json.dumps({"name": "default", "seed": 3, "transfer": {"eval_split": "test"}}))
+    with pytest.raises(ValueError, match="differs .* in transfer"):
+        upstream_seed_summary([runs[0], other])
     with pytest.raises(FileNotFoundError, match="no results.json"):
         upstream_seed_summary([runs[0], tmp_path / "missing"])
+
+
+def test_report_command_across_upstream_seeds(run_dir, tmp_path_factory, capsys):
+    """`xlearner report RUN0 RUN1 --out F`: each run's report, then X-Learner's gain over each
+    baseline as the mean over the runs ± its s.e. over the runs; runs whose settings differ in more
+    than the seed are refused before any report is rewritten."""
+    import shutil
+
+    from xlearner.cli import main
+
+    other = tmp_path_factory.mktemp("seed1") / "run"
+    shutil.copytree(run_dir, other)
+    f = other / "transfer" / "xlearner" / "a_cls.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "scores": [0.70, 0.80]}))
+    (run_dir / "config.yaml").write_text(json.dumps({"name": "t", "seed": 0}))
+    (other / "config.yaml").write_text(json.dumps({"name": "t", "seed": 1}))
+    out = other.parent / "across.md"
+    assert main(["report", str(run_dir), str(other), "--out", str(out)]) == 0
+    text = out.read_text()
+    # cls vs ssst: per-seed gains (+10, +10) in the first run, (+5, +5) in the second
+    row = next(line for line in text.splitlines() if line.startswith("| ssst |"))
+    assert "+7.5 ± 2.5 (win) [+10.0, +5.0]" in row
+    assert (other / "report.md").is_file() and "across 2 runs" in capsys.readouterr().out
+
+    (other / "config.yaml").write_text(json.dumps({"name": "t", "seed": 1, "train": {"steps": 9}}))
+    before = (other / "report.md").stat().st_mtime_ns
+    assert main(["report", str(run_dir), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from" in err and "in train:" in err
+    assert (other / "report.md").stat().st_mtime_ns == before

@@ -126,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"Names: {', '.join(ABLATIONS)}")
     _add_overrides(p)
 
-    p = sub.add_parser("report", help="write report.md, results.json and plots from a run folder")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="write report.md, results.json and plots from a run folder; "
+                                      "with several (one per upstream seed), the gains across them too")
+    p.add_argument("run_dir", nargs="+", help="run folder(s); several must differ in `seed` only")
+    p.add_argument("--out", default=None, help="with several run folders: also write the across-seed summary "
+                                               "(markdown) to this file")
     return parser
 
 

@@ -502,53 +502,102 @@ def _ablation_section(res: dict[str, Any]) -> list[str]:
     return L + _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
 
 
+def _across_runs(runs: list[tuple[str, dict]], tasks: list[str], names: list[str], cell) -> dict[str, Any]:
+    """Per name and task: each run's cell ({gain, se, verdict}, or None where the run lacks it), then
+    the mean of the runs' gains with its s.e. over the runs."""
+    out = {}
+    for m in names:
+        per_task = {}
+        for t in tasks:
+            per_run = {d: c for d, r in runs if (c := cell(r, m, t)) is not None}
+            g, se, n = _mean_se([v["gain"] for v in per_run.values()])
+            per_task[t] = {"per_run": per_run, "gain": g, "se": se, "n": n, "verdict": verdict(g, se)}
+        out[m] = per_task
+    return out
+
+
+def check_comparable_runs(run_dirs: list[str | Path]) -> None:
+    """Runs summarised across upstream seeds: each folder once, and every setting but ``seed`` the
+    same (a preset, a split or a step count that differs would be averaged in as seed noise)."""
+    import yaml  # config.yaml holds JSON, a subset of YAML
+
+    from xlearner.config import ConfigError
+
+    dirs = [Path(d) for d in run_dirs]
+    if len({d.resolve() for d in dirs}) < len(dirs):
+        raise ConfigError(f"a run folder is given twice in {[str(d) for d in dirs]}: each upstream seed once")
+    configs = {d: yaml.safe_load((d / "config.yaml").read_text()) for d in dirs if (d / "config.yaml").is_file()}
+    if not configs:
+        return
+    first, cfg0 = next(iter(configs.items()))
+    for d, cfg in configs.items():
+        keys = sorted(k for k in set(cfg0) | set(cfg) if k != "seed" and cfg0.get(k) != cfg.get(k))
+        if keys:
+            raise ConfigError(f"{d / 'config.yaml'} differs from {first / 'config.yaml'} in {', '.join(keys)}: "
+                              "summarise runs that differ in `seed` only")
+
+
 def upstream_seed_summary(run_dirs: list[str | Path]) -> dict[str, Any]:
-    """Each ablation's gain over X-Learner per task type across runs at different upstream seeds.
+    """X-Learner's headline gains and each ablation's gain over X-Learner, across runs at different
+    upstream seeds.
 
     A run's own s.e. covers its transfer seeds only; the spread between upstream trainings is
-    larger, so a lever is judged on the mean of its per-run gains with the s.e. over runs.
-    Reads each run's results.json (``xlearner report`` writes it); a lever missing from a run is
+    larger, so a comparison is judged on the mean of its per-run gains with the s.e. over runs.
+    Reads each run's results.json (``xlearner report`` writes it); a method missing from a run is
     left out of that run's column.
     """
-    if len({Path(d).resolve() for d in run_dirs}) < len(run_dirs):
-        raise ValueError(f"a run folder is given twice in {[str(d) for d in run_dirs]}: each upstream seed once")
+    check_comparable_runs(run_dirs)
     runs = []
     for d in run_dirs:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json; run the job there first (or `xlearner report {d}`)")
         runs.append((str(d), _read_json(path)))
-    levers = list(dict.fromkeys(m for _, r in runs for m in (r.get("ablations") or {})))
     tasks = [t for t in _task_order() if any(t in r.get("per_task", {}) for _, r in runs)]
-    out: dict[str, Any] = {"runs": [d for d, _ in runs], "tasks": tasks, "reference": {}, "levers": {}}
+    levers = list(dict.fromkeys(m for _, r in runs for m in (r.get("ablations") or {})))
+    baselines = list(dict.fromkeys(m for _, r in runs for t in (r.get("gains") or {})
+                                   for m in r["gains"][t] if not is_ablation(m)))
+
+    def headline_cell(r, m, t):
+        if m not in (r.get("gains") or {}).get(t, {}):
+            return None
+        return {"gain": r["gains"][t][m], "se": r["gains_se"][t][m], "verdict": r["gains_verdict"][t][m]}
+
+    out: dict[str, Any] = {"runs": [d for d, _ in runs], "tasks": tasks, "reference": {}}
     for d, r in runs:
         ref = r.get("reference")
         out["reference"][d] = {t: r["per_task"][t][ref]["mean"] for t in tasks
                                if ref in r.get("per_task", {}).get(t, {})}
-    for m in levers:
-        per_task = {}
-        for t in tasks:
-            per_run = {d: r["ablations"][m][t] for d, r in runs if t in (r.get("ablations") or {}).get(m, {})}
-            g, se, n = _mean_se([v["gain"] for v in per_run.values()])
-            per_task[t] = {"per_run": per_run, "gain": g, "se": se, "n": n, "verdict": verdict(g, se)}
-        out["levers"][m] = per_task
+    out["headline"] = _across_runs(runs, tasks, baselines, headline_cell)
+    out["levers"] = _across_runs(runs, tasks, levers,
+                                 lambda r, m, t: (r.get("ablations") or {}).get(m, {}).get(t))
     return out
 
 
 def render_upstream_seed_summary(summary: dict[str, Any]) -> str:
-    """Markdown: per lever, a row per run (gain ± the run's transfer-seed s.e.), then the mean ± s.e. over runs."""
-    tasks = summary["tasks"]
-    header = ["run", "X-Learner"] + [_task_title(t) for t in tasks]
+    """Markdown: the headline across runs (mean ± s.e. over runs, then each run's gain), and per
+    lever a row per run (gain ± the run's transfer-seed s.e.) and the mean ± s.e. over runs."""
+    tasks, runs = summary["tasks"], summary["runs"]
     L: list[str] = []
+    refs = [" / ".join(f"{summary['reference'][d][t]:.1f}" if t in summary["reference"][d] else "-"
+                       for t in tasks) for d in runs]
+    if summary["headline"]:
+        L += [f"### X-Learner's gain over each baseline across {len(runs)} runs, points", "",
+              "Mean of the runs' paired gains ± its s.e. over the runs (win / loss where |mean| > 2 s.e.); "
+              "then each run's gain. X-Learner's averages per run: " + "; ".join(refs) + ".", ""]
+        rows = [[m] + [_gain_cell(per_task[t]["gain"], per_task[t]["se"], per_task[t]["verdict"]) + " ["
+                       + ", ".join(_signed(v["gain"]) for v in per_task[t]["per_run"].values()) + "]"
+                       for t in tasks] for m, per_task in summary["headline"].items()]
+        L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
+    header = ["run", "X-Learner"] + [_task_title(t) for t in tasks]
     for m, per_task in summary["levers"].items():
         rows = []
-        for d in summary["runs"]:
-            ref = summary["reference"].get(d, {})
+        for d, ref in zip(runs, refs):
             cells = []
             for t in tasks:
                 v = per_task[t]["per_run"].get(d)
                 cells.append("-" if v is None else _gain_cell(v["gain"], v["se"], v["verdict"]))
-            rows.append([d, " / ".join(f"{ref[t]:.1f}" if t in ref else "-" for t in tasks)] + cells)
+            rows.append([d, ref] + cells)
         rows.append([f"mean ± s.e. over runs (n = {max(p['n'] for p in per_task.values())})", ""]
                     + [_gain_cell(per_task[t]["gain"], per_task[t]["se"], per_task[t]["verdict"]) for t in tasks])
         L += [f"### {m}: gain over X-Learner, points", ""] + _table(header, rows) + [""]
@@ -676,16 +725,25 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def report_command(args) -> int:
-    path = write_report(args.run_dir)
-    res = json.loads((Path(args.run_dir) / "results.json").read_text())
-    if not res["datasets"]:
-        print(f"xlearner report: no transfer results under {Path(args.run_dir) / 'transfer'}; wrote {path} anyway")
-    else:
-        gains = "; ".join(f"{t}: " + ", ".join(f"vs {m} {v:+.1f}" for m, v in g.items())
-                          for t, g in res["gains"].items() if g)
-        print(f"wrote {path} ({len(res['datasets'])} datasets, {len(res['methods'])} methods)"
-              + (f" - {res['reference']} gain {gains}" if gains else ""))
-    print_gate_failures(res)
+    if len(args.run_dir) > 1:
+        check_comparable_runs(args.run_dir)  # before any report is rewritten
+    for run_dir in args.run_dir:
+        path = write_report(run_dir)
+        res = json.loads((Path(run_dir) / "results.json").read_text())
+        if not res["datasets"]:
+            print(f"xlearner report: no transfer results under {Path(run_dir) / 'transfer'}; wrote {path} anyway")
+        else:
+            gains = "; ".join(f"{t}: " + ", ".join(f"vs {m} {v:+.1f}" for m, v in g.items())
+                              for t, g in res["gains"].items() if g)
+            print(f"wrote {path} ({len(res['datasets'])} datasets, {len(res['methods'])} methods)"
+                  + (f" - {res['reference']} gain {gains}" if gains else ""))
+        print_gate_failures(res)
+    if len(args.run_dir) > 1:
+        text = render_upstream_seed_summary(upstream_seed_summary(args.run_dir))
+        print(text)
+        if args.out:
+            write_text_atomic(Path(args.out), text + "\n")
+            print(f"wrote {args.out}")
     return 0
 
 
