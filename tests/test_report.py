@@ -320,3 +320,5 @@ def test_report_command_across_upstream_seeds(run_dir, tmp_path_factory, capsys)
     err = capsys.readouterr().err
     assert "differs from" in err and "in train:" in err
     assert (other / "report.md").stat().st_mtime_ns == before
+    assert main(["report", str(run_dir), "--out", str(out)]) == 2  # --out is the summary: two runs or more
+    assert "two or more run folders" in capsys.readouterr().err

@@ -538,21 +538,27 @@ def check_comparable_runs(run_dirs: list[str | Path]) -> None:
 
 
 def upstream_seed_summary(run_dirs: list[str | Path]) -> dict[str, Any]:
-    """X-Learner's headline gains and each ablation's gain over X-Learner, across runs at different
-    upstream seeds.
-
-    A run's own s.e. covers its transfer seeds only; the spread between upstream trainings is
-    larger, so a comparison is judged on the mean of its per-run gains with the s.e. over runs.
-    Reads each run's results.json (``xlearner report`` writes it); a method missing from a run is
-    left out of that run's column.
-    """
+    """:func:`summarise_runs` over run folders: checks that they differ only in ``seed``, then
+    reads each one's results.json (``xlearner report`` writes it)."""
     check_comparable_runs(run_dirs)
-    runs = []
+    results = {}
     for d in run_dirs:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no results.json; run the job there first (or `xlearner report {d}`)")
-        runs.append((str(d), _read_json(path)))
+        results[str(d)] = _read_json(path)
+    return summarise_runs(results)
+
+
+def summarise_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """X-Learner's headline gains and each ablation's gain over X-Learner, across runs at different
+    upstream seeds (``results``: run name -> that run's :func:`collect` dict).
+
+    A run's own s.e. covers its transfer seeds only; the spread between upstream trainings is
+    larger, so a comparison is judged on the mean of its per-run gains with the s.e. over runs.
+    A method missing from a run is left out of that run's column.
+    """
+    runs = list(results.items())
     tasks = [t for t in _task_order() if any(t in r.get("per_task", {}) for _, r in runs)]
     levers = list(dict.fromkeys(m for _, r in runs for m in (r.get("ablations") or {})))
     baselines = list(dict.fromkeys(m for _, r in runs for t in (r.get("gains") or {})
@@ -725,11 +731,17 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def report_command(args) -> int:
-    if len(args.run_dir) > 1:
+    from xlearner.config import ConfigError
+
+    several = len(args.run_dir) > 1
+    if args.out and not several:
+        raise ConfigError("--out writes the summary across runs: give two or more run folders (one per seed)")
+    if several:
         check_comparable_runs(args.run_dir)  # before any report is rewritten
+    results = {}
     for run_dir in args.run_dir:
         path = write_report(run_dir)
-        res = json.loads((Path(run_dir) / "results.json").read_text())
+        res = results[str(run_dir)] = json.loads((Path(run_dir) / "results.json").read_text())
         if not res["datasets"]:
             print(f"xlearner report: no transfer results under {Path(run_dir) / 'transfer'}; wrote {path} anyway")
         else:
@@ -738,8 +750,8 @@ def report_command(args) -> int:
             print(f"wrote {path} ({len(res['datasets'])} datasets, {len(res['methods'])} methods)"
                   + (f" - {res['reference']} gain {gains}" if gains else ""))
         print_gate_failures(res)
-    if len(args.run_dir) > 1:
-        text = render_upstream_seed_summary(upstream_seed_summary(args.run_dir))
+    if several:
+        text = render_upstream_seed_summary(summarise_runs(results))
         print(text)
         if args.out:
             write_text_atomic(Path(args.out), text + "\n")
