@@ -238,3 +238,30 @@ def test_resize_bilinear_paths_match_f_interpolate_in_values_and_gradients():
     x = torch.randn(2, 3, 5, 5)
     ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     assert torch.allclose(Upsample2x()(x), ref, atol=1e-6)
+
+
+def test_det_head_box_regression_survives_a_step_that_lowers_it():
+    """torchvision starts the ReLU'd (l, t, r, b) layer at bias 0: one step that lowers its
+    pre-activations kills every box (GIoU loss stuck at 1, no gradient ever again), which killed
+    some frozen det transfers. DetHead starts the bias at one stride, so the same step leaves the
+    layer learning, while a head built like torchvision's (regression_bias=0) dies."""
+    feats = [f.detach() for f in _fpn_feats()]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])}] * 2
+
+    def regression_after_a_lowering_step(bias: float):
+        torch.manual_seed(0)
+        head = DetHead(32, 3, [4, 8, 16, 32], regression_bias=bias)
+        reg = head.head.regression_head.bbox_reg
+        with torch.no_grad():
+            reg.bias -= 0.5  # a first step that pushes every distance down by half a stride
+        loss = head.losses(feats, (64, 64), targets)["bbox_regression"]
+        loss.backward()
+        return float(loss.detach()), float(reg.weight.grad.abs().sum() + reg.bias.grad.abs().sum())
+
+    torch.manual_seed(0)
+    fresh = DetHead(32, 3, [4, 8, 16, 32]).head(feats)["bbox_regression"]
+    assert (fresh > 0).all()  # every location starts with a box of positive size
+    loss, grad = regression_after_a_lowering_step(1.0)
+    assert loss < 0.99 and grad > 1e-3
+    dead_loss, dead_grad = regression_after_a_lowering_step(0.0)
+    assert dead_loss == pytest.approx(1.0, abs=1e-4) and dead_grad == 0.0

@@ -255,11 +255,18 @@ class DetHead(FCOS):
     and boxes are in input pixels. ``strides``: those of the features it is given
     (:func:`build_det_neck`). Labels are 0..K-1 for ``num_classes=K`` (no background class:
     sigmoid focal loss).
+
+    ``regression_bias``: the start of the (l, t, r, b) layer's bias, in strides. torchvision's
+    ``FCOSRegressionHead`` puts a ReLU on these outputs and starts the bias at 0; when the first
+    optimiser steps push the pre-activations below 0 everywhere, every box has zero size, the GIoU
+    loss sticks at 1 and no gradient reaches the layer again (a dead ReLU: 17 of 90 frozen det
+    transfers of the 5-seed lever screen died so, see docs/levers.md). Starting at 1.0 (each
+    distance one stride, a box of two strides around each location) keeps them alive (0 of 90).
     """
 
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], *, num_convs: int = 4,
                  score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
-                 topk_candidates: int = 1000, center_sampling_radius: float = 1.5):
+                 topk_candidates: int = 1000, center_sampling_radius: float = 1.5, regression_bias: float = 1.0):
         if in_channels % 32:
             raise ValueError(f"DetHead: in_channels={in_channels} must be a multiple of 32 (FCOSHead uses GroupNorm(32))")
         anchor_generator = AnchorGenerator(tuple((int(s),) for s in strides), ((1.0,),) * len(strides))
@@ -269,6 +276,7 @@ class DetHead(FCOS):
                          nms_thresh=nms_thresh, detections_per_img=detections_per_img,
                          topk_candidates=topk_candidates)
         del self.backbone, self.transform  # not used: see the class docstring
+        nn.init.constant_(self.head.regression_head.bbox_reg.bias, regression_bias)
         self.num_classes = num_classes
         self.strides = list(strides)
         self._anchor_cache: dict = {}
