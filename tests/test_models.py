@@ -184,10 +184,13 @@ def _fpn_feats():
     return neck([torch.randn(2, c, 64 // s, 64 // s) for c, s in zip([8, 16, 32, 64], [4, 8, 16, 32])])
 
 
+_TWO_BOXES = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])}  # one image's det targets, in pixels of a 64 px image
+
+
 def test_det_head_losses_and_detect():
     feats = _fpn_feats()
     head = DetHead(32, 3, [4, 8, 16, 32])
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])},
+    targets = [_TWO_BOXES,
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
     losses = head.losses(feats, (64, 64), targets)
     assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
@@ -246,7 +249,7 @@ def test_det_head_box_regression_survives_a_step_that_lowers_it():
     some frozen det transfers. DetHead starts the bias at one stride, so the same step leaves the
     layer learning, while a head built like torchvision's (regression_bias=0) dies."""
     feats = [f.detach() for f in _fpn_feats()]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0], [30.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([0, 2])}] * 2
+    targets = [_TWO_BOXES] * 2
 
     def regression_after_a_lowering_step(bias: float):
         torch.manual_seed(0)
