@@ -26,6 +26,17 @@ def test_full_presets_gate_every_source_and_pair_three_seeds():
         assert cfg.baselines.steps == 2 * cfg.train.steps, name  # equal data per source
 
 
+def test_gpu_and_quick_train_the_method_of_default():
+    """``gpu`` is ``default`` sized for one GPU and ``quick`` its smoke run: a setting adopted in
+    ``default`` (docs/levers.md) must reach them, or the GPU figures measure another method."""
+    default = load_config("default")
+    for name in ("gpu", "quick"):
+        cfg = load_config(name)
+        assert cfg.squeeze == default.squeeze, name
+        assert cfg.expansion == default.expansion, name
+        assert cfg.seg_head == default.seg_head, name
+
+
 def test_template_reports_missing_paths_by_field():
     with pytest.raises(ConfigError) as err:
         load_config("imagenet_coco_ade20k")

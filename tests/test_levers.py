@@ -264,6 +264,7 @@ NEW_ABLATIONS = {
     "generalist_teacher": ("squeeze.generalist", "msmt"),
     "distill_cosine": ("squeeze.distill_loss", "cosine"),
     "distill_cka": ("squeeze.distill_loss", "cka"),
+    "distill_l2": ("squeeze.distill_loss", "l2"),  # tested from a config that distils with CKA, as default does
     "kd_logits": ("squeeze.kd_weight", 1.0),
     "distill_weight_x4": ("squeeze.distill_weight", 4.0),
     "distill_weight_x0.25": ("squeeze.distill_weight", 0.25),
@@ -282,7 +283,7 @@ def test_each_lever_ablation_builds_its_parts(name, tmp_path):
                {"name": "clothes", "task": "cls", "dataset": "fashion_mnist", "batch_size": 4},
                {"name": "scenes", "task": "det", "dataset": "composed_det_glyphs", "batch_size": 2},
                {"name": "regions", "task": "seg", "dataset": "composed_seg_glyphs", "batch_size": 2}]
-    cfg = tiny_cfg(sources=two_cls)
+    cfg = tiny_cfg(sources=two_cls, **({"squeeze.distill_loss": "cka"} if name == "distill_l2" else {}))
     key, value = NEW_ABLATIONS[name]
     acfg = load_config_like(cfg, ablation_overrides(name, cfg))
     section, *rest = key.split(".")

@@ -72,7 +72,7 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     # squeeze settings: the student, hence xlearner's exported backbone and its transfers
     ("squeeze.distill_weight=0.5", {"squeeze"} | XLEARNER_PRODUCT),
     ("squeeze.kd_weight=1.0", {"squeeze"} | XLEARNER_PRODUCT),
-    ("squeeze.distill_loss=cka", {"squeeze"} | XLEARNER_PRODUCT),
+    ("squeeze.distill_loss=l2", {"squeeze"} | XLEARNER_PRODUCT),
     # transfer settings: every transfer, no training, no export
     ("transfer.steps=21", TRANSFERS),
     ("transfer.lr=0.001", TRANSFERS),
@@ -132,7 +132,7 @@ def _abl(name: str, *stages: str) -> set[str]:
 
 
 SQUEEZE_ONLY = ["squeeze_scratch", "no_distill", "multi_teacher", "teacher_source_bn", "generalist_teacher",
-                "distill_cosine", "distill_cka", "kd_logits", "distill_weight_x4", "distill_weight_x0.25"]
+                "distill_cosine", "distill_l2", "kd_logits", "distill_weight_x4", "distill_weight_x0.25"]
 RETRAIN_EXPANSION = ["no_reconciliation", "no_detach", "reconcile_all_stages",
                      "task_balanced_loss", "task_balanced_sampling", "seg_fpn_head"]  # expansion, source or head settings
 
@@ -143,8 +143,9 @@ EXTRA_PARTS = {
     **{n: _abl(n, "expansion", "squeeze") for n in RETRAIN_EXPANSION},
     # the main expansion model's cls branch exported as is: no stage trained
     "expansion_direct": _abl("expansion_direct"),
-    # quick's seg head is already the linear one: the ablation changes nothing and is skipped
+    # quick's seg head is already the linear one, its distillation already CKA: these change nothing and are skipped
     "seg_linear_head": set(),
+    "distill_cka": set(),
 }
 METHOD_STAGES = {
     **{n: ["expansion", f"ablations/{n}/squeeze"] for n in SQUEEZE_ONLY},
@@ -154,14 +155,14 @@ METHOD_STAGES = {
 }
 
 
-NO_OP_IN_QUICK = {"seg_linear_head"}
+NO_OP_IN_QUICK = {"seg_linear_head", "distill_cka"}
 
 
 def test_every_ablation_has_an_expectation():
     assert set(EXTRA_PARTS) == set(ABLATIONS)
 
 
-@pytest.mark.filterwarnings("ignore:ablation seg_linear_head changes nothing")
+@pytest.mark.filterwarnings("ignore:ablation (seg_linear_head|distill_cka) changes nothing")
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_an_ablation_adds_exactly_its_own_parts_and_leaves_the_main_keys(base, name):
     keys = _keys(_cfg(), ablation=name)
@@ -188,15 +189,15 @@ def test_an_ablation_that_changes_nothing_is_skipped_with_a_warning():
 
 def test_squeeze_ablation_follows_the_main_expansion_model():
     """A squeeze-only ablation is distilled from the main expansion model: it re-keys with it."""
-    base = _keys(_cfg(), ablation="distill_cka")
-    own = _abl("distill_cka", "squeeze")
-    changed = _changed(base, _keys(_cfg("expansion.reconcile_from=all"), ablation="distill_cka"))
+    base = _keys(_cfg(), ablation="distill_l2")
+    own = _abl("distill_l2", "squeeze")
+    changed = _changed(base, _keys(_cfg("expansion.reconcile_from=all"), ablation="distill_l2"))
     assert changed == {"expansion", "squeeze"} | XLEARNER_PRODUCT | own
-    changed = _changed(base, _keys(_cfg("squeeze.kd_weight=0.5"), ablation="distill_cka"))
+    changed = _changed(base, _keys(_cfg("squeeze.kd_weight=0.5"), ablation="distill_l2"))
     assert changed == {"squeeze"} | XLEARNER_PRODUCT | own
-    changed = _changed(base, _keys(_cfg("transfer.steps=21"), ablation="distill_cka"))
-    assert changed == TRANSFERS | {f"transfer xlearner[distill_cka] -> {d}" for d in DATASETS}
-    assert _changed(base, _keys(_cfg("gates.separation_points=9"), ablation="distill_cka")) == set()
+    changed = _changed(base, _keys(_cfg("transfer.steps=21"), ablation="distill_l2"))
+    assert changed == TRANSFERS | {f"transfer xlearner[distill_l2] -> {d}" for d in DATASETS}
+    assert _changed(base, _keys(_cfg("gates.separation_points=9"), ablation="distill_l2")) == set()
 
 
 def test_expansion_direct_follows_the_expansion_model_not_the_squeeze_settings():

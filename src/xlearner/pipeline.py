@@ -62,6 +62,7 @@ _LEVER_ABLATIONS: dict[str, _Overrides] = {  # the method levers of the anchors 
     "generalist_teacher": ["squeeze.generalist=msmt"],
     "distill_cosine": ["squeeze.distill_loss=cosine"],
     "distill_cka": ["squeeze.distill_loss=cka"],
+    "distill_l2": ["squeeze.distill_loss=l2"],  # the library's loss, where a preset distils with CKA
     "kd_logits": ["squeeze.kd_weight=1.0"],
     "distill_weight_x4": lambda cfg: [f"squeeze.distill_weight={4 * cfg.squeeze.distill_weight}"],
     "distill_weight_x0.25": lambda cfg: [f"squeeze.distill_weight={0.25 * cfg.squeeze.distill_weight}"],
