@@ -22,7 +22,8 @@ Levers (each a ``squeeze`` option, default = the behaviour above; see docs/lever
   adapter A_u is pulled towards teacher branch u (``teacher.all_branch_features``), so
   ``"distill/<u>"`` averages over every batch, not only the batches of task u;
 - ``distill_loss``: ``l2`` (above), ``cosine`` (1 - cos of each image's whole map) or ``cka``
-  (1 - linear CKA between student and teacher, pixels of the batch as samples);
+  (1 - linear CKA between student and teacher, pixels of the batch as samples; the presets
+  ``default``, ``gpu`` and ``quick`` use it: it won seg on validation at five upstream seeds);
 - ``teacher_bn: source``: the teacher (and the generalist) normalise a batch of source k with
   precise-BN statistics estimated once on source k's training images, instead of batch statistics;
 - ``generalist`` (Representation Consolidation): a single-backbone run (e.g. the MSMT baseline) as
