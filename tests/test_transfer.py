@@ -48,6 +48,30 @@ def test_probe_shuffled_labels_near_chance():
     assert abs(np.mean(accs) - 1 / k) < 0.1
 
 
+def test_probe_scored_on_val_is_not_fitted_on_val():
+    """``transfer.eval_split=val`` scores the val split: a probe fitted on it would score its own
+    memory. 64-d features, labels without any relation to them: a fit on val recalls val's
+    labels (near 100%), a probe that never saw them stays near chance. On test the protocol is
+    unchanged: C chosen on val, refit on train + val."""
+    from xlearner.transfer.suite import probe_seed
+
+    rng = np.random.default_rng(0)
+    k = 4
+
+    def split(n):
+        return rng.normal(0, 1, (n, 64)).astype(np.float32), rng.integers(0, k, n)
+
+    train, val, test = split(120), split(40), split(400)
+    on_val = [probe_seed(train, val, val, [1.0, 100.0], s, 3, "val")["top1"] for s in range(3)]
+    assert abs(np.mean(on_val) - 1 / k) < 0.15, on_val
+    # what the test protocol gives when the scored split is the val split it was refit on
+    memorised = probe_seed(train, val, val, [1.0, 100.0], 0, 3, "test")["top1"]
+    assert memorised > 0.7
+    # on test, the seed's 80% of train (+ val) is what the probe is fitted on: the seeds differ
+    on_test = {probe_seed(train, val, test, [1.0], s, 3, "test")["top1"] for s in range(3)}
+    assert len(on_test) > 1
+
+
 # ----------------------------------------------------------------------------- tiny on-disk datasets
 def _save(img: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

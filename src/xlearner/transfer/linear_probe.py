@@ -2,7 +2,8 @@
 
 L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on standardised, frozen,
 pooled last-stage features. C is chosen among ``probe_C`` by top-1 on the val split (model fit
-on train); the chosen C is refit on train + val; the test split is scored once. (``finetune``:
+on train); the chosen C is refit on train + val; the test split is scored once. When val is the
+scored split (``transfer.eval_split=val``), ``suite.probe_seed`` chooses C on part of train instead. (``finetune``:
 the cls task's neck + head trained end to end, ``transfer.train``.)
 """
 from __future__ import annotations
@@ -32,10 +33,12 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int):
 
 
 def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-          test: tuple[np.ndarray, np.ndarray], Cs: Sequence[float], seed: int = 0) -> dict[str, Any]:
+          test: tuple[np.ndarray, np.ndarray], Cs: Sequence[float], seed: int = 0,
+          refit: bool = True) -> dict[str, Any]:
     """Linear probe on precomputed features: returns {"top1", "C", "val_top1": {C: acc}}.
 
     With an empty val split (or a single C) the choice falls to the middle C without peeking at test.
+    ``refit=False``: the probe scored is the one fitted on train alone.
     """
     (xtr, ytr), (xv, yv), (xte, yte) = train, val, test
     if len(np.unique(ytr)) < 2:
@@ -48,8 +51,8 @@ def probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarra
         best = max(Cs, key=lambda c: (val_acc[c], -abs(np.log10(c))))  # ties: the moderate C
     else:
         best = Cs[len(Cs) // 2]
-    xall = np.concatenate([xtr, xv]) if len(yv) else xtr
-    yall = np.concatenate([ytr, yv]) if len(yv) else ytr
-    clf = _fit(xall, yall, best, seed)
+    if refit and len(yv):
+        xtr, ytr = np.concatenate([xtr, xv]), np.concatenate([ytr, yv])
+    clf = _fit(xtr, ytr, best, seed)
     return {"top1": top1(clf.predict(xte), yte), "C": best,
             "val_top1": {str(c): a for c, a in val_acc.items()}}

@@ -84,10 +84,26 @@ def load_any_backbone(path: str | Path | nn.Module, cfg: RunConfig | None = None
     return bcfg, Backbone(bcfg)
 
 
-def _subsample(features: tuple, seed: int, fraction: float = 0.8) -> tuple:
+def _holdout(features: tuple, seed: int, fraction: float = 0.8) -> tuple[tuple, tuple]:
+    """A seed's ``fraction`` of the features and the rest."""
     x, y = features
-    keep = np.sort(np.random.default_rng(seed).permutation(len(y))[: max(2, math.ceil(fraction * len(y)))])
-    return x[keep], y[keep]
+    order = np.random.default_rng(seed).permutation(len(y))
+    n = max(2, math.ceil(fraction * len(y)))
+    keep, rest = np.sort(order[:n]), np.sort(order[n:])
+    return (x[keep], y[keep]), (x[rest], y[rest])
+
+
+def probe_seed(train: tuple, val: tuple, scored: tuple, Cs, seed: int, n_seeds: int, eval_split: str) -> dict:
+    """One seed's linear probe. On test, C is chosen on val and refit on train + val. When the
+    scored split is val itself it can neither choose C nor be fitted on (a probe fitted on the
+    images it is scored on measures memory, not features): C is chosen on the fifth of train
+    left out of the seed's 80%, and the probe fitted on that 80% is scored."""
+    from xlearner.transfer.linear_probe import probe
+
+    fit, tune = _holdout(train, seed=seed)
+    if eval_split == "val":
+        return probe(fit, tune, scored, Cs, seed=seed, refit=False)
+    return probe(fit if n_seeds > 1 else train, val, scored, Cs, seed=seed)
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -138,8 +154,6 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
         extra.setdefault(key, []).append(value)
 
     if mode == "linear":  # the linear probe on pooled features (cls)
-        from xlearner.transfer.linear_probe import probe
-
         val = build_source(src, "val")
         bs = max(tc.batch_size, 64)
         ftr = extract_pooled(backbone, train, size, bs, show_progress, "features (train)", key=keys["train"])
@@ -147,8 +161,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
         fte = extract_pooled(backbone, test, size, bs, show_progress, "features (test)", key=keys[tc.eval_split])
         for s in seed_list:
             # a deterministic probe: what varies with the seed is its training sample (80% of train)
-            fs = _subsample(ftr, seed=s) if len(seed_list) > 1 else ftr
-            r = probe(fs, fv, fte, tc.probe_C, seed=s)
+            r = probe_seed(ftr, fv, fte, tc.probe_C, s, len(seed_list), tc.eval_split)
             scores.append(r["top1"])
             add("C", r["C"])
             add("val_top1", r["val_top1"])
