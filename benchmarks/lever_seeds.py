@@ -23,11 +23,14 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("levers", nargs="+", help="ablation names (docs/levers.md)")
+    ap.add_argument("levers", nargs="+", help="ablation names (docs/levers.md), then any key=value overrides")
     ap.add_argument("--out", required=True, help="run folder")
     ap.add_argument("--seed", type=int, required=True, help="upstream seed (the config's seed)")
     ap.add_argument("--preset", default="default")
-    args, overrides = ap.parse_known_args()
+    args, unknown = ap.parse_known_args()
+    # argparse gives every positional to `levers`: the key=value ones are overrides
+    overrides = unknown + [a for a in args.levers if "=" in a]
+    args.levers = [a for a in args.levers if "=" not in a]
 
     from xlearner.config import load_config
     from xlearner.pipeline import ablation_names, main_job
