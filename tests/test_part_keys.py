@@ -77,6 +77,7 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     ("transfer.steps=21", TRANSFERS),
     ("transfer.lr=0.001", TRANSFERS),
     ("transfer.seg_head=linear", TRANSFERS),
+    ("transfer.eval_split=val", TRANSFERS),
     # expansion settings: the teacher, hence the student; no baseline
     ("expansion.detach_others=false", {"expansion", "squeeze"} | XLEARNER_PRODUCT),
     ("expansion.reconcile_from=all", {"expansion", "squeeze"} | XLEARNER_PRODUCT),

@@ -282,6 +282,8 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | list[str] | None = No
     # --- export + transfer -------------------------------------------------------------------
     # transfer_one reads these sections (fpn_channels: the transfer necks; augment: fine-tuning)
     transfer_sections = _sections(cfg, "transfer", "seed", "fpn_channels", "augment")
+    if cfg.transfer.eval_split == "val":  # results of the leaky val probe (before 3fd98d2) are not reused
+        transfer_sections["val_probe"] = "C on a held-out fifth of train"
     transfer_weight = 0.05 * cfg.transfer.seeds * max(1, max([cfg.transfer.steps, *cfg.transfer.task_steps.values()]) / 10)
     for method, (dirname, stage_key, branch) in backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
