@@ -3,8 +3,8 @@
 L2-regularised multinomial logistic regression (scikit-learn, lbfgs) on standardised, frozen,
 pooled last-stage features. C is chosen among ``probe_C`` by top-1 on the val split (model fit
 on train); the chosen C is refit on train + val; the test split is scored once. When val is the
-scored split (``transfer.eval_split=val``), ``suite.probe_seed`` chooses C on part of train instead. (``finetune``:
-the cls task's neck + head trained end to end, ``transfer.train``.)
+scored split (``transfer.eval_split=val``), ``suite.probe_seed`` chooses C on part of train
+instead. (``finetune``: the cls task's neck + head trained end to end, ``transfer.train``.)
 """
 from __future__ import annotations
 
