@@ -100,10 +100,10 @@ def probe_seed(train: tuple, val: tuple, scored: tuple, Cs, seed: int, n_seeds: 
     left out of the seed's 80%, and the probe fitted on that 80% is scored."""
     from xlearner.transfer.linear_probe import probe
 
-    fit, tune = _holdout(train, seed=seed)
     if eval_split == "val":
+        fit, tune = _holdout(train, seed=seed)
         return probe(fit, tune, scored, Cs, seed=seed, refit=False)
-    return probe(fit if n_seeds > 1 else train, val, scored, Cs, seed=seed)
+    return probe(_holdout(train, seed=seed)[0] if n_seeds > 1 else train, val, scored, Cs, seed=seed)
 
 
 # ----------------------------------------------------------------------------- transfer
