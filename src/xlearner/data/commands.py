@@ -19,7 +19,7 @@ def main(args: argparse.Namespace) -> int:
     if args.data_command == "show":
         return _show(args)
     if args.data_command == "check":
-        from xlearner.cli import EXIT_DATA_PROBLEMS
+        from xlearner.errors import EXIT_DATA_PROBLEMS
         from xlearner.data.check import check_source_file
         problems = check_source_file(args.source_yaml)
         return EXIT_DATA_PROBLEMS if problems else 0
