@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from xlearner.targets import boxes_to_original, logits_to_original
+
 
 def _np(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -185,8 +187,6 @@ class DetEvaluator:
         self.original = False
 
     def update(self, detections: Sequence[dict], batch: dict) -> None:
-        from xlearner.data.transforms import boxes_to_original
-
         metas = batch.get("meta")
         dets = [_cpu(d) for d in detections]
         if metas is None:
@@ -275,8 +275,6 @@ class SegEvaluator:
         self.original = False
 
     def update(self, logits: torch.Tensor, batch: dict) -> None:
-        from xlearner.data.transforms import logits_to_original
-
         metas = batch.get("meta")
         if metas is None:
             masks = batch["masks"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xlearner.data.schema import IGNORE_INDEX
+from xlearner.targets import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = 255
+from xlearner.targets import IGNORE_INDEX  # noqa: F401 (the readers import it here)
 
 
 class BadSampleError(ValueError):

@@ -12,7 +12,7 @@ batch shape for every batch; padded pixels are the mean colour, ~0 once normalis
 ignore in masks; no box lies in the padding, so it yields no detection target). An eval
 transform built with ``original=True`` also attaches ``target["meta"]`` (original size, the
 resized extent, image id, original boxes or mask) so predictions can be taken back to the
-original pixels: ``boxes_to_original``, ``logits_to_original``.
+original pixels: ``boxes_to_original``, ``logits_to_original`` (in ``xlearner.targets``, re-exported).
 """
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ from typing import Callable
 import math
 
 import torch
-import torch.nn.functional as TF
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
 from xlearner.config import AugmentConfig
-from xlearner.data.schema import IGNORE_INDEX
+from xlearner.targets import IGNORE_INDEX, boxes_to_original, logits_to_original  # noqa: F401 (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,25 +111,6 @@ class TaskTransform:
 
     def __repr__(self) -> str:
         return f"TaskTransform({self.task.name}, {self.resize}, {self.pipeline})"
-
-
-def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
-    """xyxy boxes in the network input's pixels -> the original image's pixels (clipped to it)."""
-    (h, w), (nh, nw) = meta["orig_size"], meta["input_size"]
-    out = boxes.float() * boxes.new_tensor([w / nw, h / nh, w / nw, h / nh], dtype=torch.float32)
-    out[:, 0::2] = out[:, 0::2].clamp(0, w)
-    out[:, 1::2] = out[:, 1::2].clamp(0, h)
-    return out
-
-
-def logits_to_original(logits: torch.Tensor, meta: dict) -> torch.Tensor:
-    """(K, H_in, W_in) logits of one image -> (K, H, W) at its original size: the padding is cut
-    off, the rest upsampled bilinearly (the way published segmentation results are scored)."""
-    (h, w), (nh, nw) = meta["orig_size"], meta["input_size"]
-    valid = logits[:, :nh, :nw].float()
-    if (nh, nw) == (h, w):
-        return valid
-    return TF.interpolate(valid[None], size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 def build_transform(task: str, size: int, train: bool, augment: AugmentConfig | None = None,
