@@ -100,10 +100,22 @@ def test_loss_falls_and_outputs(tmp_path):
     assert state["step"] == 40 and state["loader"] == {"pos": 40}
 
 
-def test_loss_weights(tmp_path):
-    fit(Toy(), FakeLoader(), cfg(steps=3), tmp_path, loss_weights={"b": 0.0, "a": 2.0})
+class WeightedToy(Toy):
+    """Weights its own losses, as Stage.forward does: 'a' twice, 'b' not at all."""
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        losses = super().forward(batch)
+        return {"a": 2.0 * losses["a"], "b": 0.0 * losses["b"]}
+
+
+def test_objective_is_the_sum_of_the_modules_losses(tmp_path):
+    toy = WeightedToy()
+    bias_b = toy.head_b.bias.detach().clone()
+    fit(toy, FakeLoader(), cfg(steps=3), tmp_path)
     for r in train_lines(tmp_path):
-        assert r["total"] == pytest.approx(2.0 * r["a"], rel=1e-6)
+        assert r["b"] == 0.0 and r["a"] > 0
+        assert r["total"] == pytest.approx(r["a"] + r["b"], rel=1e-6)
+    assert torch.equal(toy.head_b.bias, bias_b)  # a zero-weighted loss trains nothing (no decay on biases)
 
 
 def test_warmup_cosine_lr(tmp_path):
@@ -305,15 +317,18 @@ def test_fit_seed_none_goes_on_from_the_callers_rng():
     assert run(None, caller_seed=8) != run(7)
 
 
-def test_fit_not_distributed_joins_no_process_group(monkeypatch):
-    import xlearner.engine.trainer as trainer
+def test_fit_not_distributed_joins_no_process_group(monkeypatch, tmp_path):
+    from xlearner.engine import hooks, step_metrics, trainer
 
-    def refuse():
-        raise AssertionError("init_distributed called")
+    def refusing(name):
+        def refuse(*args):
+            raise AssertionError(f"{name} called")
+        return refuse
 
-    monkeypatch.setattr(trainer, "init_distributed", refuse)
-    monkeypatch.setattr(trainer, "barrier", refuse)
+    for mod, name in ((trainer, "init_distributed"), (trainer, "all_reduce_sum"), (hooks, "barrier"),
+                      (hooks, "all_gather_object"), (step_metrics, "all_reduce_sum")):
+        monkeypatch.setattr(mod, name, refusing(name))
     seen = []
-    res = fit(Toy(), FakeLoader(), cfg(steps=2), None, distributed=False,
+    res = fit(Toy(), FakeLoader(), cfg(steps=2, ckpt_every=1), tmp_path, distributed=False,
               evaluate=lambda m, step: seen.append(type(m)) or {"x": 1.0})
     assert res.steps == 2 and seen == [Toy]  # the module itself, no DDP wrapper

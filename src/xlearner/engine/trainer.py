@@ -1,17 +1,21 @@
-"""The training loop: one function, :func:`fit`, read top to bottom.
+"""The training loop: :func:`fit`, a short loop over steps with hooks between them.
 
 The engine knows nothing of tasks. ``module(batch)`` returns the named scalar losses
-of one optimizer step; the engine sums them (weighted), steps the optimizer and the
-schedule, and takes care of devices, mixed precision, DDP, logs, checkpoints and the
-non-finite-loss guard. It never looks inside a batch except to move its tensors to
-the device (and, for the default images/s count, to read the leading dimension of
-tensors stored under the key ``"images"``).
+of one optimizer step; the engine sums them, steps the optimizer and the schedule, and
+takes care of devices, mixed precision, DDP, logs, checkpoints and the non-finite-loss
+guard. It never looks inside a batch except to move its tensors to the device (and, for
+the default images/s count, to read the leading dimension of tensors stored under the
+key ``"images"``).
 
-Loss values are kept on the device and only brought to the host (one sync, and one
-all-reduce under DDP) at log, checkpoint, validation and final steps, so the loop does
-not stall the GPU every step. A non-finite loss is therefore detected at the next of
-those points, and always before a checkpoint is written: a checkpoint never contains
-a step at or after a non-finite loss, and the error names the first bad step.
+``fit`` reads top to bottom: the set-up (:func:`_set_up`, with the resume in
+:func:`_resume`), then :func:`_train`, which runs :func:`_run_step` and, after a step,
+the due hooks (``hooks.py``: log, evaluate, checkpoint, in that order). Loss values stay
+on the device in :class:`~xlearner.engine.step_metrics.StepMetrics` and are only brought
+to the host (one sync, and one all-reduce under DDP) at log, checkpoint, validation and
+final steps, so the loop does not stall the GPU every step. A non-finite loss is
+therefore detected at the next of those points, and always before a checkpoint is
+written: a checkpoint never contains a step at or after a non-finite loss, and the
+error names the first bad step.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,20 +34,13 @@ from torch import nn
 from xlearner.config import TrainConfig
 
 from . import checkpoint as ckpt
-from .distributed import all_gather_object, all_reduce_sum, barrier, init_distributed
+from .distributed import all_reduce_sum, init_distributed
+from .hooks import CheckpointHook, EvalHook, Hook, LogHook
 from .logging import RunLogger
+from .step_metrics import NonFiniteLossError, StepMetrics
 
 __all__ = ["FitResult", "NonFiniteLossError", "fit", "lr_factor", "lr_scale_of", "build_optimizer",
            "build_scheduler", "default_count_images", "move_to_device"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss (or the gradient norm) became NaN/inf; the run stopped before checkpointing it."""
-
-    def __init__(self, message: str, step: int, names: list[str]) -> None:
-        super().__init__(message)
-        self.step = step
-        self.names = names
 
 
 @dataclass
@@ -180,10 +178,213 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ---------------------------------------------------------------------------- set-up and resume
+
+@dataclass
+class _Run:
+    """What the set-up made: the pieces the step, the hooks and the result read."""
+    cfg: TrainConfig
+    module: nn.Module
+    """The module itself: its state is checkpointed and evaluated."""
+    model: nn.Module
+    """What a step calls: ``module``, wrapped in DDP and/or compiled."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[nn.Parameter]
+    device: torch.device
+    autocast: Callable[[], Any]
+    rank: int
+    world: int
+    distributed: bool
+    ckpt_path: Path | None
+    log: RunLogger
+    start_step: int = 0
+    images_seen: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _place(device: torch.device | None, distributed: bool) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``: joins torchrun's process group when ``distributed``; the device
+    defaults to this rank's GPU, else the CPU."""
+    if distributed:
+        rank, world, local_rank = init_distributed()
+    else:
+        rank, world, local_rank = 0, 1, torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return rank, world, device
+
+
+def _resume(module: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loader, ckpt_path: Path,
+            rank: int, world: int) -> tuple[int, int, str]:
+    """Load the run folder's checkpoint into the module, optimizer, scheduler, loader and this rank's
+    RNG streams; ``(step, images_seen, message)``, ``(0, 0, ...)`` when there is none."""
+    if not ckpt_path.is_file():
+        return 0, 0, f"no checkpoint at {ckpt_path}, starting fresh"
+    state = ckpt.load_checkpoint(ckpt_path, map_location="cpu")
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("loader") is not None:
+        loader.load_state_dict(state["loader"])
+    rngs = state["rng"]
+    if len(rngs) != world:
+        warnings.warn(f"checkpoint holds RNG states of {len(rngs)} ranks, this run has {world}; "
+                      "ranks reuse them modulo their count")
+    ckpt.set_rng_state(rngs[rank % len(rngs)])
+    step = int(state["step"])
+    return step, int(state.get("images_seen", 0)), f"resumed from {ckpt_path} at step {step}"
+
+
+def _wrap(module: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """DDP over ranks (built after a resume: it broadcasts rank 0's weights), then ``torch.compile``."""
+    model = module
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model, mode=cfg.compile_mode)
+    return model
+
+
+def _set_up(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *, resume: bool,
+            seed: int | None, device: torch.device | None, lr_scales: dict[str, float] | None,
+            decay_1d: bool, distributed: bool) -> _Run:
+    """Devices, seeds, optimizer and schedule, the resume, the DDP/compile wrap and the run log,
+    in that order (the order the RNG streams and checkpoints were made with)."""
+    rank, world, device = _place(device, distributed)
+    amp_dtype = _autocast_dtype(cfg.amp, device)
+    ckpt_path = ckpt.checkpoint_path(out_dir) if out_dir is not None else None
+    if seed is not None:
+        ckpt.seed_everything(seed + rank)
+    module.to(device)
+    if cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(module, cfg, device, lr_scales=lr_scales, decay_1d=decay_1d)
+    scheduler = build_scheduler(optimizer, cfg)
+    # a run killed while writing leaves temporary files; only rank 0 writes into out_dir
+    stale = ckpt.remove_stale_temp_files(out_dir) if rank == 0 and out_dir is not None else []
+    start_step, images_seen, resumed_msg = 0, 0, None
+    if resume:
+        start_step, images_seen, resumed_msg = _resume(module, optimizer, scheduler, loader, ckpt_path, rank, world)
+    model = _wrap(module, cfg, world, device)
+    log = RunLogger(out_dir, enabled=rank == 0, progress=cfg.progress, total_steps=cfg.steps,
+                    start_step=start_step, resumed=start_step > 0)
+    if out_dir is not None:
+        n_params = sum(p.numel() for p in params)
+        log.info(f"xlearner fit: device={device} world_size={world} trainable_params={n_params:,} "
+                 f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")
+    if resumed_msg:
+        log.info(resumed_msg)
+    if stale:
+        log.info(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
+                 + ", ".join(p.name for p in stale))
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    return _Run(cfg, module, model, optimizer, scheduler, params, device, autocast, rank, world, distributed,
+                ckpt_path, log, start_step, images_seen)
+
+
+# ---------------------------------------------------------------------------- the step and the loop
+
+def _all_finite(values: list[torch.Tensor], world: int) -> bool:
+    """Whether every value is finite on every rank (one host sync, and one all-reduce under DDP)."""
+    ok = torch.isfinite(torch.stack(values)).all().float().reshape(1)
+    if world > 1:  # any rank non-finite -> every rank skips
+        ok = 1.0 - all_reduce_sum(1.0 - ok).clamp(max=1.0)
+    return bool(ok.item())
+
+
+def _run_step(run: _Run, batch: Any, step: int, count: Callable[[Any], int], metrics: StepMetrics,
+              log_hook: LogHook, skip_nonfinite: bool) -> tuple[float, torch.Tensor]:
+    """One optimizer step on ``batch``; ``(lr, row)`` with row ``[*losses, total, (grad_norm), images]``
+    on the device. A change of the losses' names closes the log window of the old ones first."""
+    cfg = run.cfg
+    batch = move_to_device(batch, run.device, cfg.channels_last)
+    n_img = count(batch)
+    with run.autocast():
+        losses = run.model(batch)
+    if list(losses) != metrics.names:
+        metrics.flush()
+        if metrics.window_steps:
+            log_hook.after_step(step - 1)
+        metrics.names = list(losses)
+    names = metrics.names
+    total = sum(losses[n].float() for n in names)
+    total.backward()
+    row = [losses[n].detach().float().reshape(()) for n in names] + [total.detach().reshape(())]
+    if cfg.clip_grad is not None:
+        row.append(torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad).detach().float())
+    lr = run.optimizer.param_groups[0]["lr"]
+    if not skip_nonfinite or _all_finite(row[len(names):], run.world):
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    # a fill kernel, not torch.tensor(): a copy from pageable host memory would wait for the GPU
+    row.append(torch.full((), float(n_img), device=run.device))
+    return lr, torch.stack(row)
+
+
+def _train(run: _Run, loader, metrics: StepMetrics, hooks: list[Hook], step_fn: Callable[[Any, int], tuple]) -> int:
+    """Steps ``start_step + 1 .. cfg.steps``, the due hooks after each; returns the step reached."""
+    step = run.start_step
+    it = iter(loader)
+    for step in range(run.start_step + 1, run.cfg.steps + 1):
+        lr, row = step_fn(next(it), step)
+        metrics.record(step, lr, row)
+        run.log.advance()
+        if metrics.timed_t0 is None:  # the first step of the call is warm-up: time from its end
+            _sync(run.device)
+            metrics.end_warmup()
+        is_last = step == run.cfg.steps
+        due = [h for h in hooks if h.due(step, is_last)]
+        if due:
+            metrics.flush()
+        for hook in due:
+            hook.after_step(step)
+    return step
+
+
+def _checkpoint_state(run: _Run, loader, metrics: StepMetrics, extra_state: dict | None,
+                      step: int, rng: list[Any]) -> dict[str, Any]:
+    return {
+        "step": step,
+        "images_seen": metrics.images_seen,
+        "world_size": run.world,
+        "model": run.module.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        "rng": rng,
+        "extra_state": extra_state,
+    }
+
+
+def _hooks(run: _Run, loader, metrics: StepMetrics, evaluate, extra_state: dict | None
+           ) -> tuple[LogHook, EvalHook | None, list[Hook]]:
+    """The hooks in the order they run after a step: log, evaluate, checkpoint (a run folder only),
+    so that a step's log and validation lines precede its checkpoint."""
+    log_hook = LogHook(run.log, metrics, run.cfg.log_every, run.optimizer)
+    eval_hook = (EvalHook(evaluate, run.module, run.log, run.cfg.val_every, main=run.main,
+                          distributed=run.distributed) if evaluate is not None else None)
+    hooks: list[Hook] = [log_hook, *([eval_hook] if eval_hook else [])]
+    if run.ckpt_path is not None:
+        hooks.append(CheckpointHook(run.ckpt_path, run.cfg.ckpt_every,
+                                    partial(_checkpoint_state, run, loader, metrics, extra_state),
+                                    main=run.main, distributed=run.distributed))
+    return log_hook, eval_hook, hooks
+
+
 # ---------------------------------------------------------------------------- fit
 
 def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
-        loss_weights: dict[str, float] | None = None,
         evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
         count_images: Callable[[dict], int] | None = None,
         resume: bool = False, seed: int | None = 0,
@@ -195,8 +396,8 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
         distributed: bool = True) -> FitResult:
     """Train ``module`` for ``cfg.steps`` optimizer steps on batches drawn from ``loader``.
 
-    ``module(batch) -> {name: scalar loss}``; the step's objective is
-    ``sum(loss_weights.get(name, 1.0) * loss)``. ``loader`` is iterable (infinite) and
+    ``module(batch) -> {name: scalar loss}``; the step's objective is the sum of the losses
+    (a module weights its own losses). ``loader`` is iterable (infinite) and
     has ``state_dict()`` / ``load_state_dict()``. Under torchrun each rank passes its own
     loader (its share of the global batch); the module is wrapped in DDP.
 
@@ -219,239 +420,24 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
         raise ValueError("resume needs a run folder (out_dir)")
     t_call = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
-    if distributed:
-        rank, world, local_rank = init_distributed()
-    else:
-        rank, world, local_rank = 0, 1, torch.cuda.current_device() if torch.cuda.is_available() else 0
-    main = rank == 0
-    if device is None:
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    amp_dtype = _autocast_dtype(cfg.amp, device)
-    weights = dict(loss_weights or {})
-    count = count_images or default_count_images
-    ckpt_path = ckpt.checkpoint_path(out_dir) if out_dir is not None else None
-
-    if seed is not None:
-        ckpt.seed_everything(seed + rank)
-    module.to(device)
-    if cfg.channels_last:
-        module.to(memory_format=torch.channels_last)
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(module, cfg, device, lr_scales=lr_scales, decay_1d=decay_1d)
-    scheduler = build_scheduler(optimizer, cfg)
-
-    # a run killed while writing leaves temporary files; only rank 0 writes into out_dir
-    stale = ckpt.remove_stale_temp_files(out_dir) if main and out_dir is not None else []
-    start_step, images_seen, resumed_msg = 0, 0, None
-    if resume:
-        if ckpt_path.is_file():
-            state = ckpt.load_checkpoint(ckpt_path, map_location="cpu")
-            module.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("loader") is not None:
-                loader.load_state_dict(state["loader"])
-            rngs = state["rng"]
-            if len(rngs) != world:
-                warnings.warn(f"checkpoint holds RNG states of {len(rngs)} ranks, this run has {world}; "
-                              "ranks reuse them modulo their count")
-            ckpt.set_rng_state(rngs[rank % len(rngs)])
-            start_step, images_seen = int(state["step"]), int(state.get("images_seen", 0))
-            resumed_msg = f"resumed from {ckpt_path} at step {start_step}"
-        else:
-            resumed_msg = f"no checkpoint at {ckpt_path}, starting fresh"
-
-    model: nn.Module = module
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model, mode=cfg.compile_mode)
-
-    log = RunLogger(out_dir, enabled=main, progress=cfg.progress, total_steps=cfg.steps,
-                    start_step=start_step, resumed=start_step > 0)
-    if out_dir is not None:
-        n_params = sum(p.numel() for p in params)
-        log.info(f"xlearner fit: device={device} world_size={world} trainable_params={n_params:,} "
-                 f"steps={cfg.steps} optimizer={cfg.optimizer} amp={amp_dtype or 'fp32'} out={out_dir}")
-    if resumed_msg:
-        log.info(resumed_msg)
-    if stale:
-        log.info(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
-                 + ", ".join(p.name for p in stale))
-
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    names: list[str] | None = None
-    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, row on device)
-    # window accumulators for the next log line (host values)
-    win = {"sum": None, "n": 0, "images": 0, "skipped": 0, "t0": time.perf_counter()}
-    last_losses: dict[str, float] = {}
-    metrics: dict[str, float] = {}
-    eval_s = 0.0
-    timed_t0, timed_images0, call_images = None, 0, 0
-    gn_col = cfg.clip_grad is not None
-
-    def flush() -> None:
-        """Bring pending per-step values to the host (all-reduced), check them, accumulate."""
-        nonlocal images_seen, call_images, last_losses
-        if not pending:
-            return
-        rows = torch.stack([r for _, _, r in pending]).double()
-        if world > 1:
-            rows[:, :-1] /= world  # losses: mean over ranks; last column (images): sum
-            all_reduce_sum(rows)
-        values = rows.cpu().tolist()
-        k = len(names)
-        for (step, lr, _), row in zip(pending, values):
-            losses, total = row[:k], row[k]
-            gn = row[k + 1] if gn_col else None
-            skipped = False
-            if not math.isfinite(total) or (gn is not None and not math.isfinite(gn)):
-                if on_nonfinite == "error":
-                    pending.clear()
-                    bad = [n for n, v in zip(names, losses) if not math.isfinite(v)]
-                    what = (", ".join(f"'{n}'={v}" for n, v in zip(names, losses) if n in bad)
-                            or (f"total={total}" if not math.isfinite(total) else f"grad_norm={gn}"))
-                    good = (ckpt_path if ckpt_path is not None and ckpt_path.is_file()
-                            else "none written yet" if ckpt_path is not None else "none (no run folder)")
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}: {what} "
-                        f"(loss names: {bad or ['total' if not math.isfinite(total) else 'grad_norm']}); "
-                        f"no checkpoint was written for this step, last good checkpoint: {good}",
-                        step, bad or (["total"] if not math.isfinite(total) else ["grad_norm"]))
-                skipped = True
-            n_img = int(round(row[-1]))
-            images_seen += n_img
-            call_images += n_img
-            win["images"] += n_img
-            if skipped:
-                win["skipped"] += 1
-                continue
-            vec = row[:-1]
-            win["sum"] = vec if win["sum"] is None else [a + b for a, b in zip(win["sum"], vec)]
-            win["n"] += 1
-            win["lr"] = lr
-            last_losses = {**dict(zip(names, losses)), "total": total}
-        win["lr"] = pending[-1][1]
-        pending.clear()
-
-    def write_log(step: int) -> None:
-        now = time.perf_counter()
-        rec: dict[str, float] = {}
-        if win["n"]:
-            mean = [v / win["n"] for v in win["sum"]]
-            rec.update(zip(names, mean[:len(names)]))
-            rec["total"] = mean[len(names)]
-            if gn_col:
-                rec["grad_norm"] = mean[len(names) + 1]
-        rec["lr"] = win.get("lr", optimizer.param_groups[0]["lr"])
-        rec["images_per_s"] = win["images"] / max(now - win["t0"], 1e-9)
-        if on_nonfinite == "skip":
-            rec["skipped"] = win["skipped"]
-        log.log_train(step, rec)
-        win.update(sum=None, n=0, images=0, skipped=0, t0=now)
-
-    def save(step: int) -> None:
-        # collective: every rank calls it (a lone process keeps to itself)
-        rng = all_gather_object(ckpt.get_rng_state()) if distributed else [ckpt.get_rng_state()]
-        if main:
-            ckpt.atomic_save({
-                "step": step,
-                "images_seen": images_seen,
-                "world_size": world,
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
-                "rng": rng,
-                "extra_state": extra_state,
-            }, ckpt_path)
-
-    def run_eval(step: int) -> None:
-        nonlocal metrics, eval_s
-        t = time.perf_counter()
-        if main:
-            rng = ckpt.get_rng_state()  # evaluation must not shift the training RNG streams
-            try:
-                with torch.no_grad():
-                    metrics = dict(evaluate(module, step))
-            finally:
-                ckpt.set_rng_state(rng)
-                module.train()
-            log.log_val(step, metrics)
-        if distributed:
-            barrier()
-        eval_s += time.perf_counter() - t
-
-    step = start_step
+    run = _set_up(module, loader, cfg, out_dir, resume=resume, seed=seed, device=device, lr_scales=lr_scales,
+                  decay_1d=decay_1d, distributed=distributed)
+    metrics = StepMetrics(world=run.world, grad_norm=cfg.clip_grad is not None, on_nonfinite=on_nonfinite,
+                          ckpt_path=run.ckpt_path, images_seen=run.images_seen)
+    log_hook, eval_hook, hooks = _hooks(run, loader, metrics, evaluate, extra_state)
+    step_fn = partial(_run_step, run, count=count_images or default_count_images, metrics=metrics,
+                      log_hook=log_hook, skip_nonfinite=on_nonfinite == "skip")
     try:
-        it = iter(loader)
-        for step in range(start_step + 1, cfg.steps + 1):
-            batch = move_to_device(next(it), device, cfg.channels_last)
-            n_img = count(batch)
-            with autocast():
-                losses = model(batch)
-            if names is None or list(losses) != names:
-                flush()
-                if names is not None and win["n"]:
-                    write_log(step - 1)
-                names = list(losses)
-            total = sum(weights.get(n, 1.0) * losses[n].float() for n in names)
-            total.backward()
-            row = [losses[n].detach().float().reshape(()) for n in names] + [total.detach().reshape(())]
-            if gn_col:
-                row.append(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad).detach().float())
-            lr = optimizer.param_groups[0]["lr"]
-            do_update = True
-            if on_nonfinite == "skip":
-                ok = torch.isfinite(torch.stack(row[len(names):])).all().float().reshape(1)
-                if world > 1:  # any rank non-finite -> every rank skips
-                    ok = 1.0 - all_reduce_sum(1.0 - ok).clamp(max=1.0)
-                do_update = bool(ok.item())
-            if do_update:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            # a fill kernel, not torch.tensor(): a copy from pageable host memory would wait for the GPU
-            row.append(torch.full((), float(n_img), device=device))
-            pending.append((step, lr, torch.stack(row)))
-            log.advance()
-
-            if timed_t0 is None:  # the first step of the call is warm-up: time from its end
-                _sync(device)
-                flush()
-                timed_t0, timed_images0 = time.perf_counter(), call_images
-            is_last = step == cfg.steps
-            due_log = step % cfg.log_every == 0 or is_last
-            due_ckpt = out_dir is not None and (step % cfg.ckpt_every == 0 or is_last)
-            due_val = evaluate is not None and (is_last or (cfg.val_every > 0 and step % cfg.val_every == 0))
-            if due_log or due_ckpt or due_val:
-                flush()
-            # log and validation lines first, checkpoint last: a run killed in between resumes from the
-            # previous checkpoint and writes those lines again, so the log never lacks a checkpointed step
-            if due_log:
-                write_log(step)
-            if due_val:
-                run_eval(step)
-            if due_ckpt:
-                save(step)
-        flush()
+        step = _train(run, loader, metrics, hooks, step_fn)
+        metrics.flush()
         t_end = time.perf_counter()
-        if step == start_step:  # nothing left to train (resumed a finished run)
-            t_end = timed_t0 = time.perf_counter()
-            if evaluate is not None:
-                run_eval(step)
+        if step == run.start_step:  # nothing left to train (resumed a finished run)
+            t_end = metrics.timed_t0 = time.perf_counter()
+            if eval_hook is not None:
+                eval_hook.after_step(step)
     finally:
-        log.close()
-
-    timed_s = max(t_end - (timed_t0 or t_call) - eval_s, 1e-9)
-    timed_images = call_images - timed_images0
-    if timed_images == 0:  # a one-step call: no warm-up to exclude
-        timed_s, timed_images = max(t_end - t_call - eval_s, 1e-9), call_images
-    return FitResult(steps=step, images_seen=images_seen, wall_s=time.perf_counter() - t_call,
-                     images_per_s=timed_images / timed_s, last_losses=last_losses,
-                     metrics=metrics if main else {}, eval_s=eval_s)
+        run.log.close()
+    eval_s = eval_hook.seconds if eval_hook is not None else 0.0
+    return FitResult(steps=step, images_seen=metrics.images_seen, wall_s=time.perf_counter() - t_call,
+                     images_per_s=metrics.images_per_s(t_call, t_end, eval_s), last_losses=metrics.last_losses,
+                     metrics=eval_hook.metrics if eval_hook is not None and run.main else {}, eval_s=eval_s)
