@@ -1,7 +1,8 @@
-"""The pieces ``fit`` is cut into: the step metrics, the hooks' order, the resume."""
+"""The pieces ``fit`` is cut into: the step metrics, the hooks' order, the resume, ``step_s``."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -126,3 +127,18 @@ def test_resume_with_another_world_size_warns_and_reuses_rng_states(tmp_path):
         res = fit(Toy(), FakeLoader(), cfg(steps=3, ckpt_every=1), tmp_path, resume=True)
     assert res.steps == 3 and res.images_seen == 3 * 16
 
+
+def test_step_s_counts_the_steps_and_not_evaluation(tmp_path):
+    class SlowLoader(FakeLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                time.sleep(0.05)  # fetching a batch is part of a step
+                yield batch
+
+    def slow_eval(m, step):
+        time.sleep(0.3)
+        return {"x": 1.0}
+
+    res = fit(Toy(), SlowLoader(), cfg(steps=4, val_every=2), tmp_path, evaluate=slow_eval)
+    assert res.eval_s >= 0.6
+    assert 4 * 0.05 <= res.step_s <= res.wall_s - res.eval_s

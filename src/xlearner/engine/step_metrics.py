@@ -44,6 +44,7 @@ class StepMetrics:
         self.call_images = 0  # over all ranks in this call
         self.last_losses: dict[str, float] = {}
         self.lr: float | None = None  # the lr of the last flushed step
+        self.step_s = 0.0  # summed by the loop
         self.timed_t0: float | None = None  # end of the warm-up step: throughput is timed from here
         self.timed_images0 = 0
         self._pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, row on device)

@@ -59,6 +59,11 @@ class FitResult:
     """The last evaluation's metrics (rank 0; empty elsewhere or without ``evaluate``)."""
     eval_s: float = 0.0
     """Wall time of this call's evaluations (validation, precise BN): the part of ``wall_s`` that is not training."""
+    step_s: float = 0.0
+    """Wall time inside this call's training steps, summed: from fetching a batch to the end of the
+    optimizer and schedule step (``step_s / wall_s``: the time in steps). Measured without a per-step
+    sync, so on a GPU it is a host-side figure (fetching the batch and queueing the step's work)
+    unless a sync happens in the step; the waits at log, checkpoint and validation steps fall outside it."""
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -337,7 +342,9 @@ def _train(run: _Run, loader, metrics: StepMetrics, hooks: list[Hook], step_fn: 
     step = run.start_step
     it = iter(loader)
     for step in range(run.start_step + 1, run.cfg.steps + 1):
+        t0 = time.perf_counter()
         lr, row = step_fn(next(it), step)
+        metrics.step_s += time.perf_counter() - t0
         metrics.record(step, lr, row)
         run.log.advance()
         if metrics.timed_t0 is None:  # the first step of the call is warm-up: time from its end
@@ -440,4 +447,5 @@ def fit(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *,
     eval_s = eval_hook.seconds if eval_hook is not None else 0.0
     return FitResult(steps=step, images_seen=metrics.images_seen, wall_s=time.perf_counter() - t_call,
                      images_per_s=metrics.images_per_s(t_call, t_end, eval_s), last_losses=metrics.last_losses,
-                     metrics=eval_hook.metrics if eval_hook is not None and run.main else {}, eval_s=eval_s)
+                     metrics=eval_hook.metrics if eval_hook is not None and run.main else {}, eval_s=eval_s,
+                     step_s=metrics.step_s)
