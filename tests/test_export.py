@@ -145,3 +145,110 @@ def test_initial_weights_safetensors(tmp_path):
     bb = Backbone(CFG.model_copy(update={"weights": tmp_path / "w.safetensors"}))
     for k, v in src.state_dict().items():
         assert torch.equal(bb.state_dict()[k], v)
+
+
+# ------------------------------------------------------------------------------ damaged weights, full disk (D7)
+
+def _run_folder(root, nan_in: str | None = None):
+    """A msmt run folder of the tiny ResNet (model.safetensors + run.json); ``nan_in``: a key set to NaN."""
+    from xlearner.config import RunConfig
+    from xlearner.stages import save_product
+    from xlearner.stages.baselines import build_shared_net
+
+    cfg = RunConfig.model_validate({"backbone": CFG.model_dump(mode="json"),
+                                    "sources": [{"name": "digits", "task": "cls", "dataset": "mnist"}]})
+    net = build_shared_net(cfg, [SourceSpec("digits", "cls", 10)])
+    if nan_in is not None:
+        with torch.no_grad():
+            net.state_dict()[nan_in].view(-1)[1] = float("nan")
+    root.mkdir(parents=True, exist_ok=True)
+    save_product(net, root / "model.safetensors")
+    (root / "run.json").write_text(json.dumps({"stage": "msmt", "config": cfg.to_dict()}))
+    return root
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+
+    from xlearner.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
+
+
+def _transfer_args(tmp_path):
+    import yaml
+
+    import fault_cases as fc
+
+    src = fc.write_source_yaml(fc.image_modes(tmp_path / "ds"), tmp_path / "src.yaml")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(fc.run_config(fc._cls(fc._cls_folder(tmp_path / "d")))))
+    return ["--source", src, "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "t.json"]
+
+
+def test_a_truncated_model_file_is_named_with_exit_4(tmp_path):
+    run = _run_folder(tmp_path / "run")
+    good = tmp_path / "bb.safetensors"
+    assert _cli("export", run, "--out", good)[0] == 0
+    for path in (run / "model.safetensors", good):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short, as by a full disk
+    code, err = _cli("export", run, "--out", tmp_path / "again.safetensors")
+    assert code == 4 and f"{run / 'model.safetensors'} is damaged or not a .safetensors file" in err, err
+    code, err = _cli("transfer", "--backbone", run, *_transfer_args(tmp_path))
+    assert code == 4 and f"{run / 'model.safetensors'} is damaged or not a .safetensors file" in err, err
+    code, err = _cli("transfer", "--backbone", good, *_transfer_args(tmp_path))  # transfer's own check of the header
+    assert code == 4 and f"{good}: not a readable .safetensors file" in err, err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_nan_weights_are_named_with_the_first_tensor(tmp_path):
+    run = _run_folder(tmp_path / "run", nan_in="backbone.conv1.weight")
+    code, err = _cli("export", run, "--out", tmp_path / "bb.safetensors")
+    assert code == 4 and f"{run / 'model.safetensors'}: tensor 'backbone.conv1.weight' holds 1 NaN and 0 inf" in err
+    good = _run_folder(tmp_path / "good")
+    assert _cli("export", good, "--out", tmp_path / "bb.safetensors")[0] == 0
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bb.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(tmp_path / "bb.safetensors"))
+    state["layer1.0.bn1.running_var"][0] = float("inf")
+    save_file(state, str(tmp_path / "bb.safetensors"), metadata=meta)
+    code, err = _cli("transfer", "--backbone", tmp_path / "bb.safetensors", *_transfer_args(tmp_path))
+    assert code == 4 and "tensor 'layer1.0.bn1.running_var' holds 0 NaN and 1 inf" in err, err
+
+
+def test_a_full_disk_while_writing_a_model_is_exit_6_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    from xlearner import files
+    from xlearner.errors import exit_code
+
+    run = _run_folder(tmp_path / "run")
+    before = (run / "model.safetensors").read_bytes()
+    real = tempfile.mkstemp
+
+    def full_disk(**kw):  # the temp file lives on a device that is full
+        fd, name = real(**kw)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", full_disk)
+    with pytest.raises(OSError) as e:
+        _run_folder(run)  # save_product over the finished model
+    assert e.value.errno == errno.ENOSPC and exit_code(e.value) == 6
+    assert str(e.value).startswith(f"cannot write {run / 'model.safetensors'} (No space left on device); "
+                                   f"the previous model.safetensors is intact. Free disk space")
+    code, err = _cli("export", run, "--out", tmp_path / "bb.safetensors")
+    assert code == 6 and f"cannot write {tmp_path / 'bb.safetensors'} (No space left on device)" in err, err
+    monkeypatch.undo()
+    assert (run / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(run)) == ["model.safetensors", "run.json"]  # no temporary file left

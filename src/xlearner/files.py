@@ -8,12 +8,21 @@ the ones a killed run left.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission): the message names it, ``errno`` says why,
+    and the file's previous version, if any, is intact (the CLI's exit status 6)."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1]) if self.args else "write failed"
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -40,12 +49,27 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise _write_error(path, exc) from exc
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    code = exc.errno or errno.EIO
+    intact = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+    fix = "free disk space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix the folder's space or permissions"
+    return WriteError(code, f"cannot write {path} ({os.strerror(code)}); {intact}. {fix.capitalize()} and run "
+                            f"the command again")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` atomically (a serialised model: a full disk is an OSError naming the file)."""
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

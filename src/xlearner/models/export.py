@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import Tensor
 
 from xlearner.config import BackboneConfig
-from xlearner.files import write_atomic
+from xlearner.files import write_bytes_atomic
 from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
 
 
@@ -68,31 +68,69 @@ def export_backbone_state(state_dict: dict[str, Tensor], prefix: str, format: st
 
 def save_backbone(path: str | Path, tensors: dict[str, Tensor], backbone_cfg: BackboneConfig) -> Path:
     """Write the tensors with the metadata ``load_backbone`` needs to rebuild the backbone."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"arch": backbone_cfg.name, "kwargs": json.dumps(backbone_cfg.kwargs),
             "out_indices": json.dumps(list(backbone_cfg.out_indices))}
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return write_bytes_atomic(path, save(state, metadata=meta))  # a full disk: an OSError naming the file
+
+
+def read_weights(path: str | Path, what: str = "weights file") -> dict[str, Tensor]:
+    """The tensors of a .safetensors written by xlearner (a run's model, an exported backbone), checked:
+    a damaged file (truncated, not safetensors) or a NaN/inf tensor is a WeightsError naming the file
+    (and the first such tensor), instead of a crash further on (sklearn refusing NaN features)."""
+    from safetensors.torch import load_file
+
+    from xlearner.models.backbone import WeightsError
+
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise WeightsError(f"{what} {path} does not exist") from None
+    except Exception as exc:  # SafetensorError: truncated, or not a .safetensors file
+        raise WeightsError(f"{what} {path} is damaged or not a .safetensors file ({exc}); it was cut short "
+                           f"(a full disk, a copy interrupted) or replaced: train or export it again, or restore "
+                           f"a copy") from None
+    check_finite(state, path, what)
+    return state
+
+
+def check_finite(state: dict[str, Tensor], path: str | Path, what: str = "weights file") -> None:
+    """WeightsError naming ``path`` and its first tensor holding NaN or inf (with how many of each)."""
+    import torch
+
+    from xlearner.models.backbone import WeightsError
+
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise WeightsError(f"{what} {path}: tensor {name!r} holds {nan} NaN and {inf} inf values of "
+                               f"{t.numel()}; the weights are unusable (a diverged run saved, or a damaged copy): "
+                               f"train or export them again")
 
 
 def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
     """Rebuild a backbone from an exported file alone (weights loaded strictly)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    from xlearner.models.backbone import WeightsError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # a truncated header
+        raise WeightsError(f"backbone {path} is damaged or not a .safetensors file ({exc}): export it again "
+                           f"(`xlearner export`) or restore a copy") from None
     if "arch" not in meta:
         raise ValueError(f"{path} has no 'arch' metadata: it was not written by `xlearner export`")
     cfg = BackboneConfig(name=meta["arch"], kwargs=json.loads(meta.get("kwargs", "{}")),
                          out_indices=tuple(json.loads(meta.get("out_indices", "[1, 2, 3, 4]"))))
     backbone = Backbone(cfg)
+    state = read_weights(path, "backbone")
     try:
-        backbone.load_state_dict(load_file(str(path)), strict=True)
+        backbone.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: the file does not fit its own metadata
-        from xlearner.models.backbone import WeightsError
-
         raise WeightsError(f"{path}: its tensors do not fit the {cfg.name} backbone its metadata names "
                            f"({str(exc).splitlines()[0]} ...); export it again with `xlearner export`") from None
     return cfg, backbone
