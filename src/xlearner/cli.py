@@ -92,7 +92,15 @@ def _train_parser(sub) -> None:
     p.add_argument("config", help="preset name (quick, default, gpu, pretrained, ...) or YAML path")
     _choose_from(p.add_argument("--stage", required=True), _stage_names)
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>/<stage>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint "
+                                                         "(the config must be the one it was trained with)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="with --resume: accept this changed setting (train.steps, baselines.steps, train.val_every, "
+                        "train.val_batches, train.precise_bn_batches); repeatable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run the folder holds (its model, logs, checkpoints, TensorBoard events)")
+    _choose_from(p.add_argument("--task", default=None, help="msst: the task whose sources it trains "
+                                                             "(default baselines.msst_task)"), _task_names)
     _add_overrides(p)
 
 

@@ -79,3 +79,24 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun gave it (``RANK``), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def restart_count() -> int:
+    """How often torchrun's elastic agent restarted the worker group (``TORCHELASTIC_RESTART_COUNT``;
+    0 outside torchrun and on the first attempt): a restarted worker continues from the checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process): a decision that one
+    rank takes (a run folder's lock, the resume check) and all follow."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
