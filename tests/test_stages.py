@@ -174,6 +174,10 @@ def _check_outputs(out: Path, info: dict, stage: str) -> dict[str, torch.Tensor]
     # the stage's time split: validation (with precise BN) inside the fit, training throughput
     assert 0 < on_disk["fit_eval_s"] < on_disk["fit_wall_s"] <= on_disk["wall_s"]
     assert on_disk["train_images_per_s"] > 0
+    # the time inside training steps, of the fit's wall time
+    assert on_disk["fit_s"] == on_disk["fit_wall_s"]
+    assert 0 < on_disk["step_s"] < on_disk["fit_s"] and 0 < on_disk["time_in_steps"] < 1
+    assert on_disk["time_in_steps"] == pytest.approx(on_disk["step_s"] / on_disk["fit_s"], abs=0.02)
     for s in on_disk["sources"]:
         assert set(s) == {"name", "task", "num_classes", "class_names"}
         assert len(s["class_names"]) == s["num_classes"]
@@ -365,6 +369,63 @@ def test_scratch_and_cli(data_root, tmp_path):
     assert info["config"]["train"]["steps"] == 5
     assert (tmp_path / "scratch" / "model.safetensors").is_file()
     assert "source shapes: 1 bad records skipped" in buf.getvalue()
+
+
+def _cli_train(*argv) -> tuple[int, str]:
+    from xlearner.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main([str(a) for a in argv])
+    return rc, buf.getvalue()
+
+
+def test_cli_scratch_from_pretrained_config_is_random(embedded_home, data_root, tmp_path):
+    """`xlearner train pretrained --stage scratch` saves a random net, as `xlearner run`'s scratch does
+    (Scratch.configure drops backbone.weights): no tensor of it equals the ImageNet weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from xlearner.config import load_config
+    from xlearner.data.pretrained import fetch_imagenet_weights
+
+    imagenet = torch.load(str(fetch_imagenet_weights(embedded_home())), map_location="cpu", weights_only=True)
+    data = load_config("pretrained").to_dict()
+    data["sources"] = [tiny_config(data_root).to_dict()["sources"][0]]  # colors: 36 images of 32 px
+    data["gates"]["upstream"] = {}
+    path = tmp_path / "pretrained_tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc, printed = _cli_train("train", path, "--stage", "scratch", "--out", tmp_path / "scratch")
+    assert rc == 0, printed
+    state = {k[len("backbone."):]: v for k, v in load_file(str(tmp_path / "scratch" / "model.safetensors")).items()
+             if k.startswith("backbone.")}
+    shared = [k for k, v in state.items() if k in imagenet and v.is_floating_point()]
+    assert len(shared) > 100  # the MobileNetV2 backbone under torchvision's names
+    assert not [k for k in shared if torch.equal(state[k], imagenet[k])]
+    info = json.loads((tmp_path / "scratch" / "run.json").read_text())
+    assert info["config"]["backbone"]["weights"] is None  # the record says what was trained
+
+
+def test_cli_msst_task_trains_that_task_with_the_baselines_steps(data_root, tmp_path):
+    """`--stage msst --task det`: the det sources only, for baselines.steps, recorded as msst_task det (as
+    `xlearner run`'s msst_det part); without --task, baselines.msst_task; --task is msst's alone."""
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(data_root).to_dict()))
+    rc, printed = _cli_train("train", path, "--stage", "msst", "--task", "det", "--out", tmp_path / "det",
+                             "train.steps=5", "baselines.steps=2")
+    assert rc == 0, printed
+    info = json.loads((tmp_path / "det" / "run.json").read_text())
+    assert [s["name"] for s in info["sources"]] == ["shapes"] and info["tasks"] == ["det"]
+    assert info["cost"]["steps"] == 2 and info["config"]["baselines"]["msst_task"] == "det"
+    assert info["cost"]["images_seen"] == 2 * BATCH["shapes"]
+    from xlearner.stages import STAGES
+
+    cfg = tiny_config(data_root)
+    assert STAGES["msst"].configure(STAGES["msst"].configure(cfg, "seg"), None).baselines.msst_task == "seg"
+    rc, printed = _cli_train("train", path, "--stage", "msmt", "--task", "det", "--out", tmp_path / "msmt")
+    assert rc == 2 and "--task is for the stages trained once per task (msst)" in printed
 
 
 def test_export_reads_stage_outputs(expansion_run, squeeze_run, tmp_path):

@@ -53,8 +53,10 @@ class MSST(SharedNetStage):
 
     @classmethod
     def configure(cls, cfg, task=None):
+        """``task``: the task whose sources it trains; None keeps ``baselines.msst_task`` (idempotent)."""
         out = cfg.model_copy(deep=True)
-        out.baselines.msst_task = task
+        if task is not None:
+            out.baselines.msst_task = task
         return out
 
     @classmethod

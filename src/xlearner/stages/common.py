@@ -315,6 +315,25 @@ def evaluate_precise_bn(stage: nn.Module, val_loaders: dict, bn_loaders: dict, t
     return out
 
 
+def validation_hook(stage: nn.Module, data: StageData, cfg: RunConfig,
+                    sources: Sequence[SourceConfig]) -> Callable[[nn.Module, int], dict[str, float]]:
+    """fit's ``evaluate``: every source's metric with the trained (blended) BatchNorm statistics, then with
+    statistics re-estimated on its own train images (precise BN), and a line of the bad records so far."""
+    def evaluate(_module: nn.Module, step: int) -> dict[str, float]:
+        out = evaluate_sources(stage.predict, data.val_loaders, data.tasks, data.num_classes,
+                               max_batches=cfg.train.val_batches, module=stage)
+        if data.bn_loaders:
+            out.update(evaluate_precise_bn(stage, data.val_loaders, data.bn_loaders, data.tasks, data.num_classes,
+                                           max_batches=cfg.train.val_batches))
+        # fit evaluates on rank 0 only: its own counts here, the union over ranks at the end
+        print(bad_records_line({n: d.bad.count for n, d in data.datasets.items()},
+                               {n: d.bad.count for n, d in data.val_datasets.items()}, sources, f"by step {step}"),
+              flush=True)
+        return out
+
+    return evaluate
+
+
 # ----------------------------------------------------------------------------- cost
 def count_flops(fn: Callable[[], object]) -> int:
     """Forward FLOPs of ``fn()`` (torch's FlopCounterMode: a multiply-add counts 2)."""

@@ -4,9 +4,12 @@ A stage is where models and losses meet. ``train_stage`` (stages/__init__.py) on
 
 class side, before the module exists
 - ``name``: the stage's name (``xlearner train --stage``, the run folder, the report);
-- ``baseline`` / ``per_task`` / ``applies(cfg)`` / ``configure(cfg, task)``: how the main job
-  (``pipeline.build_parts``) trains it as a baseline: once, or once per task (msst), and with
-  which config;
+- ``baseline`` / ``per_task`` / ``applies(cfg)``: how the main job (``pipeline.build_parts``) trains
+  it as a baseline: once, or once per task (msst);
+- ``configure(cfg, task)``: the config it trains with (scratch: random init; msst: ``task``'s
+  sources), applied by ``train_stage`` itself, so `xlearner train` and `xlearner run` agree; it is
+  idempotent (``configure(configure(c, t), None) == configure(c, t)``): the main job keys its parts
+  on the configured config and hands that one over;
 - ``select_sources(cfg, train_size)``: the sources it trains on (``train_size(source)``: the
   number of training images, opened on demand);
 - ``steps(cfg)``: its optimizer steps (``scratch``: 0, nothing is trained);
@@ -48,7 +51,7 @@ class Stage(nn.Module):
 
     @classmethod
     def configure(cls, cfg: RunConfig, task: str | None = None) -> RunConfig:
-        """The config the main job trains this stage with (for ``task``, with ``per_task``)."""
+        """The config this stage trains with (for ``task``, with ``per_task``; None: the config's own). Idempotent."""
         return cfg
 
     @classmethod
