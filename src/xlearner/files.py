@@ -61,9 +61,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def _write_error(path: Path, exc: OSError) -> WriteError:
     code = exc.errno or errno.EIO
+    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc) or os.strerror(code))
     intact = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
     fix = "free disk space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix the folder's space or permissions"
-    return WriteError(code, f"cannot write {path} ({os.strerror(code)}); {intact}. {fix.capitalize()} and run "
+    return WriteError(code, f"cannot write {path} ({reason}); {intact}. {fix.capitalize()} and run "
                             f"the command again")
 
 

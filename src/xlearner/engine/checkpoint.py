@@ -80,8 +80,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except OSError as exc:
         intact = (f"the previous checkpoint {path} is intact" if path.is_file()
                   else "no earlier checkpoint exists")
-        code = getattr(exc, "errno", None)
-        why = os.strerror(code) if code else str(exc)
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # write_atomic wraps the OSError
+        code = getattr(cause, "errno", None)
+        why = os.strerror(code) if code else str(cause)
         fix = "free disk space" if code == errno.ENOSPC else "fix the folder's space or permissions"
         err = CheckpointWriteError(
             f"cannot write checkpoint {path} ({why}); {intact}. {fix.capitalize()}, then rerun the same "
