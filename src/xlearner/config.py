@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 from typing_extensions import Annotated
 
 from xlearner import tasks as _tasks
@@ -34,12 +35,34 @@ Task = Annotated[str, AfterValidator(_known_task)]
 SourceFormat = Literal["embedded", "imagefolder", "csv", "coco", "voc", "maskfolder"]
 
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default of a source's ``max_image_pixels``: PIL's own decompression-bomb limit."""
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the file."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys, infinite or NaN numbers and a boolean where a number is meant are errors
+    (pydantic would read ``steps: true`` as 1 step and accept ``lr: .inf``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}; give a number")
+        return value
+
+
+def _wants_number(ann: Any) -> bool:
+    """True for an int or float field (optional or not), False where a bool is also allowed."""
+    args = getattr(ann, "__args__", None) or (ann,)
+    if getattr(ann, "__origin__", None) not in (None, Literal) and type(None) not in args:
+        return False  # a container (list, tuple, dict): its items are validated by their own type
+    return bool({int, float} & set(args)) and bool not in args
 
 
 class BackboneConfig(_Strict):
@@ -145,6 +168,22 @@ class SourceConfig(_Strict):
     """maskfolder: masks use 0 for "other" and 1..K for the classes (ADE20K): 0 -> 255 (ignore), k -> k-1."""
     label_map: dict[int, int] | None = None
     """maskfolder: mask value -> class index (or 255 = ignore), for other mask conventions; unlisted values stay."""
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    """An image or mask of more pixels (width x height) is a bad sample, refused before it is
+    decoded; the default is PIL's own decompression-bomb limit. Raise it for large aerial or slide images."""
+    allow_outside_root: bool = False
+    """coco/voc: accept image paths that lead outside ``root`` (``../``, an absolute path, a symlink
+    out of it); by default such a record is a bad sample, so an annotation file never reads elsewhere."""
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """The two reading safeguards are left out of a dump while at their defaults, so a source that
+        does not set them keys its runs and caches as before they existed (finished parts are reused)."""
+        data = handler(self)
+        for key, default in (("max_image_pixels", MAX_IMAGE_PIXELS), ("allow_outside_root", False)):
+            if key in data and data[key] == default:
+                del data[key]
+        return data
 
     @model_validator(mode="after")
     def _check_format_fields(self) -> "SourceConfig":
@@ -385,7 +424,21 @@ class RunConfig(_Strict):
         unknown = sorted(set(self.gates.upstream) - set(names))
         if unknown:
             raise ValueError(f"gates.upstream names unknown sources {unknown}; sources are {names}")
+        self._check_det_channels()
         return self
+
+    def _check_det_channels(self) -> None:
+        """The FCOS head (``models.heads.DetHead``) normalises its towers with GroupNorm(32, fpn_channels)."""
+        from xlearner.data.embedded.catalog import EMBEDDED  # a plain table, no fetch machinery
+
+        det = [f"source '{s.name}'" for s in self.sources if s.task == "det"]
+        det += [f"transfer dataset '{d}'" for d in self.transfer.datasets
+                if d in EMBEDDED and EMBEDDED[d].task == "det"]
+        if det and self.fpn_channels % 32:
+            up = -(-self.fpn_channels // 32) * 32
+            raise ValueError(f"fpn_channels {self.fpn_channels} must be a multiple of 32 when a det head is "
+                             f"built ({', '.join(det)}): the FCOS head uses GroupNorm(32, fpn_channels); "
+                             f"use fpn_channels: {up}")
 
     @property
     def tasks(self) -> list[str]:

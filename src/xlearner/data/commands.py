@@ -11,6 +11,8 @@ def main(args: argparse.Namespace) -> int:
     # errors (EmbeddedDataError, ConfigError, ...) go up to cli.main, which prints them and
     # picks the exit status
     if args.data_command == "fetch":
+        for name in args.names or ():
+            _known(name, "")
         embedded.fetch(args.names or None, force=args.force)
         return 0
     if args.data_command == "list":
@@ -37,11 +39,23 @@ def _show(args: argparse.Namespace) -> int:
         from xlearner.data.sources import build_source
         ds = build_source(load_source_config(args.name), args.split)
     else:
-        embedded.info(args.name)  # raises with the known names and the closest one
-        return 2
+        _known(args.name, " (or give a source YAML file)")
+        raise AssertionError(args.name)
     out = show_grid(ds, args.out, n=args.num, seed=args.seed)
     print(f"wrote {out}")
     return 0
+
+
+def _known(name: str, hint: str) -> None:
+    """A name that is no embedded dataset is a usage error (exit 2) with the closest name, not a
+    fetch failure (exit 7: a dataset that exists could not be fetched or verified)."""
+    from xlearner.config import ConfigError
+    from xlearner.data import embedded
+
+    try:
+        embedded.info(name)
+    except embedded.EmbeddedDataError as exc:
+        raise ConfigError(f"{exc}{hint}") from None
 
 
 def format_table(rows: list[dict]) -> str:
