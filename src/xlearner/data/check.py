@@ -34,6 +34,10 @@ def check_source(cfg: SourceConfig, echo: Callable[[str], None] = print) -> int:
             if not split_paths(cfg, split)[1]:  # no such split declared: nothing to check, not a problem
                 echo(f"[{split}] no {split} split (val_fraction: 0 and no {split}_* paths)")
                 continue
+        if split == "test" and cfg.format != "embedded" and not any(
+                getattr(cfg, f"test_{k}") is not None for k in ("root", "annotations", "masks")):
+            echo("[test] no test split given: test is the val split (already checked)")
+            continue  # known before opening it: a val that cannot be opened is reported once
         try:
             ds = open_source(lenient, split)
         except (BadSampleError, ConfigError, OSError, ValueError, KeyError) as exc:
