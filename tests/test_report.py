@@ -322,3 +322,24 @@ def test_report_command_across_upstream_seeds(run_dir, tmp_path_factory, capsys)
     assert (other / "report.md").stat().st_mtime_ns == before
     assert main(["report", str(run_dir), "--out", str(out)]) == 2  # --out is the summary: two runs or more
     assert "two or more run folders" in capsys.readouterr().err
+
+
+def test_report_refuses_a_folder_without_run_outputs(run_dir, tmp_path_factory, capsys):
+    """`xlearner report` on an empty folder (or a mistyped one holding other files) is a usage error,
+    exit 2, naming the folder and what a run folder holds; nothing is written there, and with several
+    folders no report is rewritten."""
+    from xlearner.cli import main
+
+    empty = tmp_path_factory.mktemp("empty")
+    (empty / "notes.txt").write_text("not a run")
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "transfer/<method>/<dataset>.json" in err and "run.json" in err
+    assert sorted(p.name for p in empty.iterdir()) == ["notes.txt"]
+    write_report(run_dir)
+    before = (run_dir / "report.md").stat().st_mtime_ns
+    assert main(["report", str(run_dir), str(empty)]) == 2
+    assert (run_dir / "report.md").stat().st_mtime_ns == before
+    (empty / "methods.json").write_text(json.dumps({"xlearner": ["expansion", "squeeze"]}))
+    assert main(["report", str(empty)]) == 0  # a job that has started: its report says what is missing
+    assert (empty / "report.md").is_file()

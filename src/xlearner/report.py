@@ -129,6 +129,25 @@ def reference_method(methods: list[str]) -> str | None:
 def collect(run_dir: str | Path) -> dict[str, Any]:
     """Every number of the report, as a JSON-able dict (scores in points)."""
     run_dir = Path(run_dir)
+    method_stages, methods, ref = _methods(run_dir)
+    datasets, bb_params = _read_transfers(run_dir / "transfer", methods)
+    tasks = [t for t in _task_order() if any(d["task"] == t for d in datasets.values())]
+    per_task = _per_task(datasets, methods, tasks)
+    gains, gains_se, gains_verdict = _task_gains(datasets, methods, ref, tasks)
+    per_dataset_gain, per_dataset_gain_se, per_dataset_verdict = _dataset_gains(datasets, ref)
+    ablations = _ablations(methods, ref, tasks, per_task, gains, gains_se)
+    costs, stage_costs = _costs(run_dir, methods, method_stages, bb_params)
+    gates = check_gates(run_dir, datasets, method_stages, _read_gates(run_dir))
+    return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
+            "per_task": per_task, "gains": gains, "gains_se": gains_se, "gains_verdict": gains_verdict,
+            "per_dataset_gain": per_dataset_gain, "per_dataset_gain_se": per_dataset_gain_se,
+            "per_dataset_verdict": per_dataset_verdict, "ablations": ablations, "gates": gates,
+            "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
+
+
+def _methods(run_dir: Path) -> tuple[dict[str, list[str]], list[str], str | None]:
+    """methods.json's stage folders per method, the methods (those of methods.json, then any other
+    transfer folder; X-Learner first) and the reference method."""
     tdir = run_dir / "transfer"
     methods_file = run_dir / "methods.json"
     method_stages: dict[str, list[str]] = {}
@@ -139,8 +158,12 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     ref = reference_method(methods)
     if ref in methods:  # X-Learner first
         methods = [ref] + [m for m in methods if m != ref]
+    return method_stages, methods, ref
 
-    # --- per dataset scores -------------------------------------------------------
+
+def _read_transfers(tdir: Path, methods: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int | None]]:
+    """Per downstream dataset (in task order): task, metric, scored splits and each method's entry;
+    and each method's transferred backbone size. Unreadable or foreign JSON files are skipped."""
     datasets: dict[str, dict[str, Any]] = {}
     bb_params: dict[str, int | None] = {m: None for m in methods}
     for m in methods:
@@ -159,28 +182,33 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             split = r.get("eval_split", "test")
             if split not in ds.setdefault("eval_splits", []):
                 ds["eval_splits"].append(split)
-            scores = [100.0 * float(s) for s in r["scores"]]
-            entry = {
-                "mean": mean(scores) if scores else float("nan"),
-                "std": sample_std(scores) if scores else 0.0,
-                "n": len(scores), "scores": scores, "mode": r.get("mode"),
-                "seeds": r.get("seeds"),
-            }
-            extra = r.get("extra") or {}
-            for col in _report_columns(r.get("task", "")):
-                if isinstance(extra.get(col), list) and extra[col]:
-                    entry[f"{col}_mean"] = mean([100.0 * float(v) for v in extra[col]])
-            ds["methods"][m] = entry
+            ds["methods"][m] = _entry(r)
             if r.get("backbone_params") is not None:
                 bb_params[m] = int(r["backbone_params"])
-
     order = _task_order()
     ordered = sorted(datasets, key=lambda d: (order.index(datasets[d]["task"])
                                               if datasets[d]["task"] in order else len(order), d))
-    datasets = {d: datasets[d] for d in ordered}
+    return {d: datasets[d] for d in ordered}, bb_params
 
-    # --- per task type averages --------------------------------------------------
-    tasks = [t for t in order if any(d["task"] == t for d in datasets.values())]
+
+def _entry(r: dict[str, Any]) -> dict[str, Any]:
+    """One method's result on one dataset, in points: mean, std, seeds and the task's secondary figures."""
+    scores = [100.0 * float(s) for s in r["scores"]]
+    entry = {
+        "mean": mean(scores) if scores else float("nan"),
+        "std": sample_std(scores) if scores else 0.0,
+        "n": len(scores), "scores": scores, "mode": r.get("mode"),
+        "seeds": r.get("seeds"),
+    }
+    extra = r.get("extra") or {}
+    for col in _report_columns(r.get("task", "")):
+        if isinstance(extra.get(col), list) and extra[col]:
+            entry[f"{col}_mean"] = mean([100.0 * float(v) for v in extra[col]])
+    return entry
+
+
+def _per_task(datasets: dict[str, Any], methods: list[str], tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Per task type and method: the mean over the task's datasets of the method's mean score."""
     per_task: dict[str, dict[str, Any]] = {}
     for t in tasks:
         names = [d for d, v in datasets.items() if v["task"] == t]
@@ -189,38 +217,55 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             vals = [datasets[d]["methods"][m]["mean"] for d in names if m in datasets[d]["methods"]]
             if vals:
                 per_task[t][m] = {"mean": mean(vals), "datasets": len(vals), "of": len(names)}
+    return per_task
 
-    # --- gains of X-Learner over each baseline: paired over seeds -----------------------
+
+def _task_gains(datasets: dict[str, Any], methods: list[str], ref: str | None, tasks: list[str]
+                ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+    """Gain of X-Learner over each other method per task type, paired over seeds: gain, s.e., verdict."""
     gains: dict[str, dict[str, float]] = {}
     gains_se: dict[str, dict[str, float]] = {}
     gains_verdict: dict[str, dict[str, str]] = {}
-    if ref is not None:
-        for t in tasks:
-            names = [d for d, v in datasets.items() if v["task"] == t]
-            gains[t], gains_se[t], gains_verdict[t] = {}, {}, {}
-            for m in methods:
-                if m == ref:
-                    continue
-                g, se, n = task_paired(datasets, names, ref, m)
-                if n:
-                    gains[t][m], gains_se[t][m], gains_verdict[t][m] = g, se, verdict(g, se)
-    per_dataset_gain: dict[str, dict[str, float]] = {}
-    per_dataset_gain_se: dict[str, dict[str, float]] = {}  # standard error of the paired difference
-    per_dataset_verdict: dict[str, dict[str, str]] = {}
-    if ref is not None:
-        for d, v in datasets.items():
-            if ref in v["methods"]:
-                r = v["methods"][ref]
-                per_dataset_gain[d], per_dataset_gain_se[d], per_dataset_verdict[d] = {}, {}, {}
-                for m, e in v["methods"].items():
-                    if m == ref:
-                        continue
-                    g, se, n = paired(r, e)
-                    if n:
-                        per_dataset_gain[d][m], per_dataset_gain_se[d][m] = g, se
-                        per_dataset_verdict[d][m] = verdict(g, se)
+    if ref is None:
+        return gains, gains_se, gains_verdict
+    for t in tasks:
+        names = [d for d, v in datasets.items() if v["task"] == t]
+        gains[t], gains_se[t], gains_verdict[t] = {}, {}, {}
+        for m in methods:
+            if m == ref:
+                continue
+            g, se, n = task_paired(datasets, names, ref, m)
+            if n:
+                gains[t][m], gains_se[t][m], gains_verdict[t][m] = g, se, verdict(g, se)
+    return gains, gains_se, gains_verdict
 
-    # --- ablations: each lever minus X-Learner, per task type (the same pairs, the sign flipped) ---
+
+def _dataset_gains(datasets: dict[str, Any], ref: str | None
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+    """Gain of X-Learner over each other method per dataset: gain, s.e. of the paired difference, verdict."""
+    gain: dict[str, dict[str, float]] = {}
+    gain_se: dict[str, dict[str, float]] = {}
+    verdicts: dict[str, dict[str, str]] = {}
+    if ref is None:
+        return gain, gain_se, verdicts
+    for d, v in datasets.items():
+        if ref not in v["methods"]:
+            continue
+        r = v["methods"][ref]
+        gain[d], gain_se[d], verdicts[d] = {}, {}, {}
+        for m, e in v["methods"].items():
+            if m == ref:
+                continue
+            g, se, n = paired(r, e)
+            if n:
+                gain[d][m], gain_se[d][m] = g, se
+                verdicts[d][m] = verdict(g, se)
+    return gain, gain_se, verdicts
+
+
+def _ablations(methods: list[str], ref: str | None, tasks: list[str], per_task: dict[str, Any],
+               gains: dict[str, dict[str, float]], gains_se: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each lever minus X-Learner, per task type (the headline's pairs, the sign flipped)."""
     ablations: dict[str, dict[str, dict[str, Any]]] = {}
     for m in methods:
         if not is_ablation(m) or m == ref:
@@ -230,8 +275,12 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
             if m in gains.get(t, {}):
                 g, se = -gains[t][m], gains_se[t][m]
                 ablations[m][t] = {"mean": per_task[t][m]["mean"], "gain": g, "se": se, "verdict": verdict(g, se)}
+    return ablations
 
-    # --- costs -------------------------------------------------------------------
+
+def _costs(run_dir: Path, methods: list[str], method_stages: dict[str, list[str]],
+           bb_params: dict[str, int | None]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per method, the training cost summed over the stages it needs; and each stage's own cost."""
     from xlearner.runs import run_info  # local: importing the report stays light (no pydantic)
 
     stage_costs: dict[str, dict[str, Any]] = {}
@@ -254,13 +303,7 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
                     break
         c["backbone_params"] = params
         costs[m] = c
-
-    gates = check_gates(run_dir, datasets, method_stages, _read_gates(run_dir))
-    return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
-            "per_task": per_task, "gains": gains, "gains_se": gains_se, "gains_verdict": gains_verdict,
-            "per_dataset_gain": per_dataset_gain, "per_dataset_gain_se": per_dataset_gain_se,
-            "per_dataset_verdict": per_dataset_verdict, "ablations": ablations, "gates": gates,
-            "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
+    return costs, stage_costs
 
 
 # ----------------------------------------------------------------------------- gates
@@ -611,7 +654,16 @@ def render_upstream_seed_summary(summary: dict[str, Any]) -> str:
 
 
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
-    methods, ref, ds = res["methods"], res["reference"], res["datasets"]
+    """report.md: one function per section, in the order a reader needs them."""
+    L = _intro(res) + _headline_section(res, plots) + _ablation_section(res) + _gate_section(res)
+    L += _dataset_section(res) + _task_average_section(res) + _cost_section(res) + _plots_section(plots)
+    L += ["Every number above is in `results.json`."]
+    return "\n".join(L) + "\n"
+
+
+def _intro(res: dict[str, Any]) -> list[str]:
+    """Title, units, the scored splits and the gate verdict."""
+    ds = res["datasets"]
     L = [f"# X-Learner report: {Path(res['run_dir']).name}", "",
          "All scores are in points (x100): top-1 accuracy for classification, COCO box mAP@[.5:.95] "
          "for detection, mIoU for segmentation; mean ± std over seeds (n = number of seeds). "
@@ -622,68 +674,84 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
               "the test splits were not touched.", ""]
     elif len(splits) > 1:
         L += [f"**Mixed splits: some scores are on {' and some on '.join(splits)}; compare within one split only.**", ""]
-    L += [gate_verdict_line(res), ""]
+    return L + [gate_verdict_line(res), ""]
 
-    if ref is not None and res["gains"]:
-        L += [f"## Headline: gain of {ref} over each baseline", "",
-              f"{ref} minus baseline in points, averaged over the task type's datasets, paired by seed "
-              "(same head initialisation and data order): gain ± standard error of the paired difference; "
-              "win / loss where |gain| > 2 s.e., tie otherwise (n/a: fewer than 2 seeds).", ""]
-        tasks = list(res["gains"])
-        rows = []
-        for m in methods:
-            if m == ref or is_ablation(m):
-                continue
-            rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
-                                          res["gains_verdict"][t].get(m)) for t in tasks])
-        L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
-        if "gains" in plots:
-            L += [f"![gains]({plots['gains']})", ""]
-    L += _ablation_section(res)
 
-    L += _gate_section(res)
-
-    L += ["## Scores per downstream dataset", ""]
-    for d, v in ds.items():
-        L += [f"### {d} ({v['task']}, {v['metric']})", ""]
-        rows = []
-        extra = _report_columns(v["task"])
-        for m in methods:
-            e = v["methods"].get(m)
-            if e is None:
-                continue
-            row = [m, e.get("mode") or "-", f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})"]
-            for col in extra:
-                row.append(f"{e[col + '_mean']:.1f}" if col + "_mean" in e else "-")
-            if ref is not None and m != ref and m in res["per_dataset_gain"].get(d, {}):
-                row.append(_gain_cell(res["per_dataset_gain"][d][m], res["per_dataset_gain_se"][d][m],
-                                      res["per_dataset_verdict"][d][m]))
-            else:
-                row.append("")
-            rows.append(row)
-        header = ["method", "mode", v["metric"]] + list(extra) + \
-                 [f"{ref} gain" if ref else "gain"]
-        L += _table(header, rows) + [""]
-
-    if res["per_task"]:
-        L += ["## Average per task type", "",
-              "Mean over the task's downstream datasets of each method's mean score.", ""]
-        tasks = list(res["per_task"])
-        rows = []
-        for m in methods:
-            row = [m]
-            for t in tasks:
-                e = res["per_task"][t].get(m)
-                row.append("-" if e is None else f"{e['mean']:.1f}" +
-                           ("" if e["datasets"] == e["of"] else f" ({e['datasets']}/{e['of']} datasets)"))
-            rows.append(row)
-        L += _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
-
-    L += ["## Training cost", "",
-          "Summed over the stages each method's backbone needs (e.g. X-Learner = expansion + squeeze); "
-          "parameters are those of the backbone that is transferred.", ""]
+def _headline_section(res: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    """X-Learner's gain over each baseline per task type."""
+    methods, ref = res["methods"], res["reference"]
+    if ref is None or not res["gains"]:
+        return []
+    L = [f"## Headline: gain of {ref} over each baseline", "",
+         f"{ref} minus baseline in points, averaged over the task type's datasets, paired by seed "
+         "(same head initialisation and data order): gain ± standard error of the paired difference; "
+         "win / loss where |gain| > 2 s.e., tie otherwise (n/a: fewer than 2 seeds).", ""]
+    tasks = list(res["gains"])
     rows = []
     for m in methods:
+        if m == ref or is_ablation(m):
+            continue
+        rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
+                                      res["gains_verdict"][t].get(m)) for t in tasks])
+    L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
+    if "gains" in plots:
+        L += [f"![gains]({plots['gains']})", ""]
+    return L
+
+
+def _dataset_section(res: dict[str, Any]) -> list[str]:
+    """Per downstream dataset: every method's score, secondary figures and X-Learner's gain."""
+    L = ["## Scores per downstream dataset", ""]
+    for d, v in res["datasets"].items():
+        L += [f"### {d} ({v['task']}, {v['metric']})", ""] + _dataset_table(res, d, v) + [""]
+    return L
+
+
+def _dataset_table(res: dict[str, Any], d: str, v: dict[str, Any]) -> list[str]:
+    methods, ref = res["methods"], res["reference"]
+    rows = []
+    extra = _report_columns(v["task"])
+    for m in methods:
+        e = v["methods"].get(m)
+        if e is None:
+            continue
+        row = [m, e.get("mode") or "-", f"{e['mean']:.1f} ± {e['std']:.1f} (n={e['n']})"]
+        for col in extra:
+            row.append(f"{e[col + '_mean']:.1f}" if col + "_mean" in e else "-")
+        if ref is not None and m != ref and m in res["per_dataset_gain"].get(d, {}):
+            row.append(_gain_cell(res["per_dataset_gain"][d][m], res["per_dataset_gain_se"][d][m],
+                                  res["per_dataset_verdict"][d][m]))
+        else:
+            row.append("")
+        rows.append(row)
+    header = ["method", "mode", v["metric"]] + list(extra) + [f"{ref} gain" if ref else "gain"]
+    return _table(header, rows)
+
+
+def _task_average_section(res: dict[str, Any]) -> list[str]:
+    if not res["per_task"]:
+        return []
+    L = ["## Average per task type", "",
+         "Mean over the task's downstream datasets of each method's mean score.", ""]
+    tasks = list(res["per_task"])
+    rows = []
+    for m in res["methods"]:
+        row = [m]
+        for t in tasks:
+            e = res["per_task"][t].get(m)
+            row.append("-" if e is None else f"{e['mean']:.1f}" +
+                       ("" if e["datasets"] == e["of"] else f" ({e['datasets']}/{e['of']} datasets)"))
+        rows.append(row)
+    return L + _table(["method"] + [_task_title(t) for t in tasks], rows) + [""]
+
+
+def _cost_section(res: dict[str, Any]) -> list[str]:
+    """Training cost per method, summed over the stages its backbone needs."""
+    L = ["## Training cost", "",
+         "Summed over the stages each method's backbone needs (e.g. X-Learner = expansion + squeeze); "
+         "parameters are those of the backbone that is transferred.", ""]
+    rows = []
+    for m in res["methods"]:
         c = res["costs"][m]
         external = m == "imagenet" and not c["stages"]  # pretrained outside this run
         rows.append([m, "external: ImageNet-1k (torchvision)" if external else (", ".join(c["stages"]) or "-"),
@@ -698,11 +766,11 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     if missing:
         L += ["Stages without a run.json (not counted): " +
               "; ".join(f"{m}: {', '.join(s)}" for m, s in missing.items()), ""]
+    return L
 
-    if "scores" in plots:
-        L += ["## Plots", "", f"![scores per dataset]({plots['scores']})", ""]
-    L += ["Every number above is in `results.json`."]
-    return "\n".join(L) + "\n"
+
+def _plots_section(plots: dict[str, str]) -> list[str]:
+    return ["## Plots", "", f"![scores per dataset]({plots['scores']})", ""] if "scores" in plots else []
 
 
 def _jsonable(obj: Any) -> Any:
@@ -715,12 +783,25 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def check_run_folder(run_dir: str | Path) -> None:
+    """A ConfigError unless the folder exists and holds something the main job writes: a transfer
+    result, a stage's run.json or methods.json (a report of an empty folder would say nothing)."""
+    from xlearner.config import ConfigError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    if not ((run_dir / "methods.json").is_file() or any(run_dir.glob("transfer/*/*.json"))
+            or any(run_dir.glob("*/run.json"))):
+        raise ConfigError(f"{run_dir} holds nothing to report: a run folder of `xlearner run` holds transfer "
+                          f"results (transfer/<method>/<dataset>.json), stage folders (<stage>/run.json) or "
+                          f"methods.json; give the folder the main job wrote (e.g. runs/<preset>)")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md, results.json and plots/ in ``run_dir``; return the report's path."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        from xlearner.config import ConfigError
-        raise ConfigError(f"run folder {run_dir} does not exist")
+    check_run_folder(run_dir)
     res = collect(run_dir)
     plots = _plots(res, run_dir / "plots")
     res["plots"] = plots
@@ -736,8 +817,10 @@ def report_command(args) -> int:
     several = len(args.run_dir) > 1
     if args.out and not several:
         raise ConfigError("--out writes the summary across runs: give two or more run folders (one per seed)")
+    for run_dir in args.run_dir:  # before any report is rewritten
+        check_run_folder(run_dir)
     if several:
-        check_comparable_runs(args.run_dir)  # before any report is rewritten
+        check_comparable_runs(args.run_dir)
     results = {}
     for run_dir in args.run_dir:
         path = write_report(run_dir)
