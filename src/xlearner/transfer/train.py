@@ -139,11 +139,19 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
             loader.close()
 
     net.eval()
+    scores = _score(task, net, backbone, test_ds, num_classes, mode, cache, dev, original, keys[1], maps_of)
+    return {**scores, "final_loss": final_loss}
+
+
+def _score(task: Task, net: nn.Module, backbone: nn.Module, test_ds, num_classes: int, mode: str,
+           cache: dict | None, dev: torch.device, original: bool, key: tuple | None, maps_of: dict) -> dict[str, Any]:
+    """The trained net scored on ``test_ds`` by the task's evaluator: on the cached test maps of the
+    frozen backbone (computed once per cache), or end to end."""
     scorer = task.evaluator(num_classes, test_ds)
     if mode == "frozen":
         if "test" not in cache:
             cache["test"] = precompute_maps(backbone, test_ds, desc=f"{task.name} features (test)",
-                                            original=original, key=keys[1], **maps_of)
+                                            original=original, key=key, **maps_of)
         maps, entries = cache["test"]["maps"], cache["test"]["entries"]
         for i in range(0, len(entries["images"]), EVAL_BATCH):
             part = slice(i, i + EVAL_BATCH)
@@ -153,7 +161,8 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
     else:
         from xlearner.data.loader import eval_loader
 
+        size, resize, show_progress = maps_of["size"], maps_of["resize"], maps_of["show_progress"]
         ev = eval_loader(test_ds, task.name, size, EVAL_BATCH, resize=resize, original=original)
         for b in progress(ev, total=len(ev), desc=f"{task.name} test", enable=show_progress):
             scorer.update(net.predict({"images": b["images"].to(dev)}), b)
-    return {**scorer.compute(), "final_loss": final_loss}
+    return scorer.compute()
