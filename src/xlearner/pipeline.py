@@ -135,58 +135,98 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | list[str] | None = No
     """The list of parts of the main job and, per method, the stage folders whose cost it carries.
 
     ``ablation``: one name or several (see :func:`ablation_names`); each adds a method ``xlearner[name]``."""
-    parts: list[Part] = []
-    methods: dict[str, list[str]] = {}
-    # method -> (stage dir, part key, branch); stage dir None: not trained here (imagenet)
-    backbone_of: dict[str, tuple[str | None, str, str | None]] = {}
-    steps = cfg.train.steps
-    n_tasks = len(cfg.tasks)
+    plan = _Plan(cfg, out)
+    _xlearner_parts(plan, "", cfg, "xlearner", direct=False)
+    _ablation_parts(plan, ablation_names(ablation))
+    _baseline_parts(plan)
+    _imagenet_method(plan)
+    _export_and_transfer_parts(plan)
+    return in_dependency_order(plan.parts), plan.methods
+
+
+@dataclass
+class _Plan:
+    """What :func:`build_parts` gathers, method by method: the parts, the stage folders each
+    method's cost carries, and the backbone each method is transferred from."""
+
+    cfg: RunConfig
+    out: Path
+    parts: list[Part] = field(default_factory=list)
+    methods: dict[str, list[str]] = field(default_factory=dict)
+    backbone_of: dict[str, tuple[str | None, str, str | None]] = field(default_factory=dict)
+    """method -> (stage folder, part key, branch); stage folder None: not trained here (imagenet)."""
+    main_expansion_key: str | None = None
+
+    def train(self, dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
+              deps: list[str] | None = None) -> None:
+        self.parts.append(Part(dirname, "train", key, weight, self.out / dirname, cfg=stage_cfg, stage=stage,
+                               deps=deps or []))
+
+
+def _xlearner_parts(plan: _Plan, prefix: str, xcfg: RunConfig, method: str, direct: bool) -> None:
+    """X-Learner (or one ablation of it, folders under ``prefix``): expansion, then squeeze; with
+    ``direct`` the expansion's branch of the ssst task (cls by default) is transferred instead."""
+    exp_dir, exp_key = _expansion_part(plan, prefix, xcfg)
+    if direct:
+        plan.methods[method] = [exp_dir]
+        task = xcfg.baselines.ssst_task
+        plan.backbone_of[method] = (exp_dir, exp_key, task if task in xcfg.tasks else xcfg.tasks[0])
+        return
+    sq_key, deps = _squeeze_part(plan, prefix, xcfg, exp_dir, exp_key)
+    # the method's cost: every stage it needs (the generalist teacher's training included)
+    plan.methods[method] = [exp_dir] + deps[1:] + [f"{prefix}squeeze"]
+    plan.backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
+
+
+def _expansion_part(plan: _Plan, prefix: str, xcfg: RunConfig) -> tuple[str, str]:
+    """The expansion stage's folder and key; an ablation of the squeeze stage only reuses the main
+    expansion model (its teacher) instead of training the same one again."""
+    exp_key = _key("expansion", _sections(xcfg, *UPSTREAM, "expansion"))
+    exp_dir = f"{prefix}expansion"
+    if prefix and plan.main_expansion_key == exp_key:
+        exp_dir = "expansion"
+    else:
+        plan.train(exp_dir, "expansion", xcfg, exp_key, plan.cfg.train.steps * len(plan.cfg.tasks))
+    if not prefix:
+        plan.main_expansion_key = exp_key
+    return exp_dir, exp_key
+
+
+def _squeeze_part(plan: _Plan, prefix: str, xcfg: RunConfig, exp_dir: str, exp_key: str
+                  ) -> tuple[str, list[str]]:
+    """The squeeze stage taught by the expansion model of ``exp_dir``: its key and the parts it needs."""
     from xlearner.stages import STAGES
 
-    def stage_part(dirname: str, stage: str, stage_cfg: RunConfig, key: str, weight: float,
-                   deps: list[str] | None = None) -> None:
-        parts.append(Part(dirname, "train", key, weight, out / dirname, cfg=stage_cfg, stage=stage, deps=deps or []))
+    cfg, out = plan.cfg, plan.out
+    sq_cfg = xcfg.model_copy(deep=True)
+    sq_cfg.squeeze.teacher = out / exp_dir
+    sq_key = _key("squeeze", exp_key, _sections(xcfg, *UPSTREAM, "squeeze"))
+    deps = [exp_dir]
+    if xcfg.squeeze.generalist == "msmt":  # the generalist teacher is this run's MSMT baseline
+        sq_cfg.squeeze.generalist = str(out / "msmt")
+        sq_key = _key(sq_key, _baseline_key(STAGES["msmt"], "msmt", STAGES["msmt"].configure(cfg)))
+        deps.append("msmt")
+    plan.train(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, cfg.train.steps * (len(cfg.tasks) + 1), deps)
+    return sq_key, deps
 
-    # --- X-Learner: expansion then squeeze --------------------------------------------------
-    main_expansion: dict[str, str] = {}
 
-    def xlearner_parts(prefix: str, xcfg: RunConfig, method: str, direct: bool) -> None:
-        exp_key = _key("expansion", _sections(xcfg, *UPSTREAM, "expansion"))
-        exp_dir = f"{prefix}expansion"
-        if prefix and main_expansion.get("key") == exp_key:
-            exp_dir = "expansion"  # an ablation of the squeeze stage only: the main expansion model is its teacher
-        else:
-            stage_part(exp_dir, "expansion", xcfg, exp_key, steps * n_tasks)
-        if not prefix:
-            main_expansion["key"] = exp_key
-        if direct:  # the branch of the ssst task (the classification branch by default) is transferred
-            methods[method] = [exp_dir]
-            task = xcfg.baselines.ssst_task
-            backbone_of[method] = (exp_dir, exp_key, task if task in xcfg.tasks else xcfg.tasks[0])
-            return
-        sq_cfg = xcfg.model_copy(deep=True)
-        sq_cfg.squeeze.teacher = out / exp_dir
-        sq_key = _key("squeeze", exp_key, _sections(xcfg, *UPSTREAM, "squeeze"))
-        deps = [exp_dir]
-        if xcfg.squeeze.generalist == "msmt":  # the generalist teacher is this run's MSMT baseline
-            sq_cfg.squeeze.generalist = str(out / "msmt")
-            sq_key = _key(sq_key, _baseline_key(STAGES["msmt"], "msmt", STAGES["msmt"].configure(cfg)))
-            deps.append("msmt")
-        stage_part(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, steps * (n_tasks + 1), deps)
-        # the method's cost: every stage it needs (the generalist teacher's training included)
-        methods[method] = [exp_dir] + deps[1:] + [f"{prefix}squeeze"]
-        backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
-
-    xlearner_parts("", cfg, "xlearner", direct=False)
-    for name in ablation_names(ablation):
+def _ablation_parts(plan: _Plan, names: list[str]) -> None:
+    """Each ablation: X-Learner's parts again with its overrides, under ``ablations/<name>/``."""
+    cfg = plan.cfg
+    for name in names:
         acfg = load_config_like(cfg, ablation_overrides(name, cfg))
         if name != "expansion_direct" and acfg.to_dict() == cfg.to_dict():
             warnings.warn(f"ablation {name} changes nothing in this config ({', '.join(ablation_overrides(name, cfg))} "
-                          f"already hold): skipped", stacklevel=2)
+                          f"already hold): skipped", stacklevel=3)  # the caller of build_parts
             continue
-        xlearner_parts(f"ablations/{name}/", acfg, f"xlearner[{name}]", direct=name == "expansion_direct")
+        _xlearner_parts(plan, f"ablations/{name}/", acfg, f"xlearner[{name}]", direct=name == "expansion_direct")
 
-    # --- baselines on the same engine, for baselines.steps (the registry's baseline stages) -----
+
+def _baseline_parts(plan: _Plan) -> None:
+    """The registry's baseline stages on the same engine, for baselines.steps, once per task where ``per_task``."""
+    from xlearner.stages import STAGES
+
+    cfg = plan.cfg
     for stage_cls in STAGES.values():
         if not stage_cls.baseline or not stage_cls.applies(cfg):
             continue
@@ -194,34 +234,40 @@ def build_parts(cfg: RunConfig, out: Path, ablation: str | list[str] | None = No
             dirname = f"{stage_cls.name}_{task}" if task else stage_cls.name
             bcfg = stage_cls.configure(cfg, task)
             key = _baseline_key(stage_cls, dirname, bcfg)
-            stage_part(dirname, stage_cls.name, bcfg, key, stage_cls.steps(cfg) or 0.5)
-            methods[dirname] = [dirname]
-            backbone_of[dirname] = (dirname, key, None)
+            plan.train(dirname, stage_cls.name, bcfg, key, stage_cls.steps(cfg) or 0.5)
+            plan.methods[dirname] = [dirname]
+            plan.backbone_of[dirname] = (dirname, key, None)
 
-    # --- the current pretrained model, untouched (no training stage here) ---------------------
+
+def _imagenet_method(plan: _Plan) -> None:
+    """The current pretrained model, untouched (no training stage here)."""
+    cfg = plan.cfg
     if cfg.baselines.imagenet and imagenet_compatible(cfg):
         from xlearner.data.pretrained import IMAGENET_SHA256
 
-        methods["imagenet"] = []  # its ImageNet pretraining is an external cost, not counted
-        backbone_of["imagenet"] = (None, _key("imagenet", IMAGENET_SHA256, cfg.backbone.out_indices), None)
+        plan.methods["imagenet"] = []  # its ImageNet pretraining is an external cost, not counted
+        plan.backbone_of["imagenet"] = (None, _key("imagenet", IMAGENET_SHA256, cfg.backbone.out_indices), None)
 
-    # --- export + transfer -------------------------------------------------------------------
+
+def _export_and_transfer_parts(plan: _Plan) -> None:
+    """Per method: export its backbone, then transfer it to every downstream dataset."""
+    cfg, out = plan.cfg, plan.out
     # transfer_one reads these sections (fpn_channels: the transfer necks; augment: fine-tuning)
     transfer_sections = _sections(cfg, "transfer", "seed", "fpn_channels", "augment")
     if cfg.transfer.eval_split == "val":  # results of the leaky val probe (before 3fd98d2) are not reused
         transfer_sections["val_probe"] = "C on a held-out fifth of train"
     transfer_weight = 0.05 * cfg.transfer.seeds * max(1, max([cfg.transfer.steps, *cfg.transfer.task_steps.values()]) / 10)
-    for method, (dirname, stage_key, branch) in backbone_of.items():
+    for method, (dirname, stage_key, branch) in plan.backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
         bb_key = _key("export", stage_key, branch)
-        parts.append(Part(f"export {method}", "export", bb_key, 0.1, bb_path,
-                          source=out / dirname if dirname else None, branch=branch, deps=[dirname] if dirname else []))
+        plan.parts.append(Part(f"export {method}", "export", bb_key, 0.1, bb_path,
+                               source=out / dirname if dirname else None, branch=branch,
+                               deps=[dirname] if dirname else []))
         for dataset in cfg.transfer.datasets:
-            parts.append(Part(f"transfer {method} -> {dataset}", "transfer",
-                              _key("transfer", bb_key, dataset, transfer_sections), transfer_weight,
-                              out / "transfer" / method / f"{dataset}.json", source=bb_path, dataset=dataset,
-                              deps=[f"export {method}"]))
-    return in_dependency_order(parts), methods
+            plan.parts.append(Part(f"transfer {method} -> {dataset}", "transfer",
+                                   _key("transfer", bb_key, dataset, transfer_sections), transfer_weight,
+                                   out / "transfer" / method / f"{dataset}.json", source=bb_path, dataset=dataset,
+                                   deps=[f"export {method}"]))
 
 
 def in_dependency_order(parts: list[Part]) -> list[Part]:
