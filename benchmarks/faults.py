@@ -3,6 +3,7 @@
     python benchmarks/faults.py --tries 10            # each run a forked child of this process
     python benchmarks/faults.py --tries 3 --spawn     # each run a fresh `python -m xlearner.cli`
     python benchmarks/faults.py --bad-inputs          # the bad-input table (data check, train error/skip)
+    python benchmarks/faults.py --elastic --tries 3   # torchrun restarts after one rank is SIGKILLed
 
 A reference run trains a tiny two-source config (cls ImageFolder + det COCO, augmentation on,
 a checkpoint every step, validation every 8 steps) without interruption. Each try starts the
@@ -13,6 +14,12 @@ behind loads with ``weights_only=True``, resumes it with ``--resume`` and compar
 every step and the final weights with the reference (exact equality). It prints, per try, the
 kill and the result, then: tries, resumed, matched, stale files (temporary files left in the
 run folder after the resume).
+
+``--elastic``: the same stage under ``torchrun --standalone --nproc_per_node 2 --max-restarts 3``
+(gloo, CPU). Each try SIGKILLs one rank (rank 0 or 1 in turn) after a random number of logged
+steps; torchrun restarts the worker group, whose workers see ``TORCHELASTIC_RESTART_COUNT`` > 0
+and resume from the last checkpoint (taking over the killed run's folder lock); the losses and
+final weights are compared with an uninterrupted two-rank run. It prints tries, resumed, identical.
 
 By default every run is a forked child of this already-imported process (``cli.main`` then
 ``os._exit``), so a try costs a few seconds, not two interpreter start-ups; ``--spawn`` runs
@@ -168,9 +175,12 @@ def main() -> int:
     ap.add_argument("--spawn", action="store_true", help="fresh interpreters instead of forked children")
     ap.add_argument("--bad-inputs", action="store_true", help="print the bad-input table instead")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--elastic", action="store_true", help="kill one rank of a torchrun group instead")
     args = ap.parse_args()
     if args.bad_inputs:
         return bad_input_table()
+    if args.elastic:
+        return elastic_trial(args.tries, args.seed, args.keep)
     import torch
 
     from xlearner.engine.checkpoint import load_checkpoint
@@ -230,6 +240,90 @@ def main() -> int:
 
         shutil.rmtree(work, ignore_errors=True)
     return 0 if resumed == matched == args.tries and stale == 0 else 1
+
+
+# ------------------------------------------------------------------------------ elastic restarts
+
+def torchrun(config: Path, out: Path, steps: int, restarts: int = 3) -> subprocess.Popen:
+    """`xlearner train CONFIG --stage msmt` on two CPU ranks under torchrun's elastic agent."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), "-m", "xlearner.cli", "train", str(config), "--stage", "msmt",
+           "--out", str(out), f"train.steps={steps}"]
+    log = open(out.parent / f"{out.name}.console", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """rank -> pid of the agent's worker processes (children whose environment holds RANK)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(d.name)
+    return found
+
+
+def kill_one_rank(config: Path, out: Path, steps: int, rank: int, after: int) -> str:
+    """Start the two-rank run; once ``after`` steps are logged and a checkpoint exists, SIGKILL ``rank``."""
+    run = torchrun(config, out, steps)
+    t0 = time.perf_counter()
+    while run.poll() is None and time.perf_counter() - t0 < 300:
+        if logged_steps(out) >= after and (out / "checkpoints" / "last.pt").exists():
+            pids = worker_pids(run.pid)
+            if rank in pids:
+                os.kill(pids[rank], signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    else:
+        run.wait()
+        return f"finished before the kill (exit {run.returncode})"
+    at = logged_steps(out)
+    code = run.wait()
+    console = (out.parent / f"{out.name}.console").read_text()
+    resumed = "resumed from" in console
+    return f"killed rank {rank} with {at} steps logged; torchrun exit {code}" + \
+        ("; resumed from the checkpoint" if resumed else "; NOT resumed")
+
+
+def elastic_trial(tries: int, seed: int, keep: bool) -> int:
+    """Kill one rank of a torchrun group per try; its restart must resume and match an uninterrupted run."""
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="xlearner-elastic-"))
+    config = write_config(work)
+    t = time.perf_counter()
+    ref = torchrun(config, work / "ref", STEPS, restarts=0)
+    assert ref.wait() == 0, (work / "ref.console").read_text()
+    print(f"reference: {STEPS} steps on 2 ranks in {time.perf_counter() - t:.1f} s, work folder {work}", flush=True)
+    ref_losses, ref_vals, ref_w = results(work / "ref")
+    resumed = identical = 0
+    for i in range(tries):
+        out = work / f"try{i}"
+        t = time.perf_counter()
+        where = kill_one_rank(config, out, STEPS, rank=i % 2, after=rng.randint(2, STEPS - 4))
+        done = (out / "run.json").is_file() and "resumed from" in (work / f"try{i}.console").read_text()
+        resumed += done
+        same = False
+        if done:
+            losses, vals, w = results(out)
+            same = losses == ref_losses and vals == ref_vals and set(w) == set(ref_w) and all(
+                bool((w[k] == ref_w[k]).all()) for k in ref_w)
+        identical += same
+        print(f"try {i + 1}: {where}; losses and weights {'identical' if same else 'DIFFER'} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
+    print(f"tries {tries}, resumed {resumed}, identical {identical}")
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if resumed == identical == tries else 1
 
 
 # ------------------------------------------------------------------------------ the bad-input table

@@ -100,3 +100,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+
+def join_restarted_group() -> None:
+    """Join the process group of a worker group that torchrun restarted, under keys of this attempt.
+
+    torchrun's agent keeps one store for all attempts; a restarted group that joins through it with
+    ``init_process_group("env://")`` finds the previous attempt's rank addresses there, and gloo (torch
+    2.14) waits forever connecting to the dead workers (eager connect), or is refused by them (lazy
+    connect; measured with a six-line script, torchrun --standalone --max-restarts 2, one rank
+    SIGKILLed). Here the store is the same, prefixed with the restart count, so each attempt meets only
+    its own ranks. A no-op on a first attempt, in a single process, or once the group exists; call it
+    before :func:`init_distributed`, which then finds the group joined."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if restart_count() == 0 or world <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=hosts, timeout=timedelta(minutes=10), wait_for_workers=False)
+    store = dist.PrefixStore(f"xlearner/restart_{restart_count()}", store)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", store=store, rank=rank,
+                            world_size=world)

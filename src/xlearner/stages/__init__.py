@@ -36,8 +36,9 @@ def get_stage(name: str) -> type[Stage]:
 
 
 def _distributed() -> tuple[int, int, int]:
-    from xlearner.engine.distributed import init_distributed
+    from xlearner.engine.distributed import init_distributed, join_restarted_group
 
+    join_restarted_group()  # a group torchrun restarted joins under keys of its own attempt
     return init_distributed()
 
 
