@@ -92,3 +92,11 @@ def test_scored_split():
     assert scored_split(SimpleNamespace(test_is_val=False), "test") == "test"
     assert scored_split(SimpleNamespace(test_is_val=True), "test") == "val"
     assert scored_split(SimpleNamespace(), "val") == "val"
+
+
+def test_mistyped_transfer_source_is_a_usage_error(capsys):
+    """A --source that is neither a file nor an embedded name exits 2 (usage), with the close name."""
+    from xlearner.cli import main
+
+    assert main(["transfer", "--backbone", "nothing.safetensors", "--source", "animal_mnst", "--out", "x.json"]) == 2
+    assert "animal_mnist" in capsys.readouterr().err

@@ -41,10 +41,14 @@ def resolve_source(source: str | Path | SourceConfig) -> SourceConfig:
         from xlearner.config import load_source_config
 
         return load_source_config(p)
-    from xlearner.data.embedded import EMBEDDED, info
+    from xlearner.config import ConfigError
+    from xlearner.data.embedded import EMBEDDED, EmbeddedDataError, info
 
-    if text not in EMBEDDED:
-        info(text)  # raises with a "did you mean" hint
+    if text not in EMBEDDED:  # a mistyped name is a usage error (exit 2), not a failed fetch
+        try:
+            info(text)
+        except EmbeddedDataError as exc:  # its message has the "did you mean" hint
+            raise ConfigError(f"--source {text!r}: not a source YAML file, and {exc}") from None
     return SourceConfig(name=text, task=EMBEDDED[text].task, format="embedded", dataset=text)
 
 
