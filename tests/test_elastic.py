@@ -22,7 +22,6 @@ def test_a_killed_rank_is_restarted_and_the_stage_resumes_identically(tmp_path):
     where = faults.kill_one_rank(config, tmp_path / "killed", steps, rank=1, after=4)
     console = (tmp_path / "killed.console").read_text()
     assert "torchrun exit 0; resumed from the checkpoint" in where, console[-3000:]
-    assert "taking over the lock of process" in console  # rank 0 was stopped by torchrun, its lock left behind
     ref_losses, ref_vals, ref_w = faults.results(tmp_path / "ref")
     losses, vals, w = faults.results(tmp_path / "killed")
     assert sorted(losses) == list(range(1, steps + 1)) and losses == ref_losses and vals == ref_vals

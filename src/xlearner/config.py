@@ -431,9 +431,12 @@ class RunConfig(_Strict):
         """The FCOS head (``models.heads.DetHead``) normalises its towers with GroupNorm(32, fpn_channels)."""
         from xlearner.data.embedded.catalog import EMBEDDED  # a plain table, no fetch machinery
 
-        det = [f"source '{s.name}'" for s in self.sources if s.task == "det"]
+        def grouped(task: str) -> bool:
+            return _tasks.get(task).fpn_channels_multiple == 32
+
+        det = [f"source '{s.name}'" for s in self.sources if grouped(s.task)]
         det += [f"transfer dataset '{d}'" for d in self.transfer.datasets
-                if d in EMBEDDED and EMBEDDED[d].task == "det"]
+                if d in EMBEDDED and grouped(EMBEDDED[d].task)]
         if det and self.fpn_channels % 32:
             up = -(-self.fpn_channels // 32) * 32
             raise ValueError(f"fpn_channels {self.fpn_channels} must be a multiple of 32 when a det head is "

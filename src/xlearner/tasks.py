@@ -58,6 +58,8 @@ class Task:
     metric_title: str = ""
     report_columns: tuple[str, ...] = ()
     """Secondary figures of the evaluator shown beside the metric in the report."""
+    fpn_channels_multiple: int = 1
+    """``fpn_channels`` must be a multiple of this where the task's head is built (det: FCOS's GroupNorm(32))."""
     higher_is_better: bool = True
     dense: bool = False
     transfer_modes: tuple[str, ...] = ("frozen", "finetune")
@@ -188,6 +190,7 @@ class DetTask(Task):
 
     name, metric, dense = "det", "mAP", True
     title, metric_title, report_columns = "detection", "COCO mAP", ("AP50",)
+    fpn_channels_multiple = 32
 
     def build_neck(self, channels, strides, opts):
         from xlearner.models.heads import build_det_neck
