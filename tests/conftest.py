@@ -53,3 +53,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Call it to put every temp file ``files.write_atomic`` makes on a full device (/dev/full): writes
+    raise ENOSPC (through the test's own ``monkeypatch``: its ``undo()`` lifts it)."""
+    import tempfile
+
+    from xlearner import files
+
+    real = tempfile.mkstemp
+
+    def mkstemp(**kw):
+        fd, name = real(**kw)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
+
+    return lambda: monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)

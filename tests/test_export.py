@@ -222,7 +222,7 @@ def test_nan_weights_are_named_with_the_first_tensor(tmp_path):
     assert code == 4 and "tensor 'layer1.0.bn1.running_var' holds 0 NaN and 1 inf" in err, err
 
 
-def test_a_full_disk_while_writing_a_model_is_exit_6_naming_the_file(tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_a_model_is_exit_6_naming_the_file(tmp_path, monkeypatch, full_disk):
     import errno
     import os
     import tempfile
@@ -232,16 +232,7 @@ def test_a_full_disk_while_writing_a_model_is_exit_6_naming_the_file(tmp_path, m
 
     run = _run_folder(tmp_path / "run")
     before = (run / "model.safetensors").read_bytes()
-    real = tempfile.mkstemp
-
-    def full_disk(**kw):  # the temp file lives on a device that is full
-        fd, name = real(**kw)
-        os.close(fd)
-        os.unlink(name)
-        os.symlink("/dev/full", name)
-        return os.open(name, os.O_WRONLY), name
-
-    monkeypatch.setattr(files.tempfile, "mkstemp", full_disk)
+    full_disk()  # from here on write_atomic writes to /dev/full
     with pytest.raises(OSError) as e:
         _run_folder(run)  # save_product over the finished model
     assert e.value.errno == errno.ENOSPC and exit_code(e.value) == 6

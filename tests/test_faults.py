@@ -214,21 +214,12 @@ def test_resume_removes_stale_temp_files(tmp_path):
     assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 5
 
 
-def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch, full_disk):
     from xlearner import files
     from xlearner.engine import checkpoint as ck
 
     _fit(tmp_path, 2)
-    real = tempfile.mkstemp
-
-    def full_disk(**kw):  # the temp file lives on a device that is full
-        fd, name = real(**kw)
-        os.close(fd)
-        os.unlink(name)
-        os.symlink("/dev/full", name)
-        return os.open(name, os.O_WRONLY), name
-
-    monkeypatch.setattr(files.tempfile, "mkstemp", full_disk)  # write_atomic makes every temp file
+    full_disk()  # from here on write_atomic writes to /dev/full
     with pytest.raises(ck.CheckpointWriteError) as e:
         _fit(tmp_path, 4, resume=True)
     path = ck.checkpoint_path(tmp_path)
