@@ -14,7 +14,8 @@ from xlearner.config import load_config
 from xlearner.pipeline import ABLATIONS, build_parts
 
 STAGES = {"expansion", "squeeze", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"}
-METHODS = ["xlearner", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"]
+TEACHERS = ["xlearner.expansion[cls]", "xlearner.expansion[det]", "xlearner.expansion[seg]"]  # branches as backbones
+METHODS = ["xlearner", *TEACHERS, "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"]
 OUT = Path("/nonexistent/xlearner-run")  # building the parts touches no file
 
 
@@ -50,6 +51,7 @@ def _export_transfers(method: str) -> set[str]:
 TRANSFERS = {f"transfer {m} -> {d}" for m in METHODS for d in DATASETS}
 EVERYTHING = STAGES | {n for m in METHODS for n in _export_transfers(m)}
 XLEARNER_PRODUCT = _export_transfers("xlearner")
+TEACHER_PRODUCTS = {n for m in TEACHERS for n in _export_transfers(m)}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,20 @@ def base():
 
 def test_parts_of_the_quick_job(base):
     assert set(base) == EVERYTHING
-    assert _methods(_cfg()) == {"xlearner": ["expansion", "squeeze"], **{m: [m] for m in METHODS[1:]}}
+    assert _methods(_cfg()) == {"xlearner": ["expansion", "squeeze"], **{m: ["expansion"] for m in TEACHERS},
+                                **{m: [m] for m in METHODS[4:]}}
+
+
+def test_teacher_rows_are_the_expansion_branches_and_can_be_turned_off(base):
+    """Each teacher row exports one branch of the main expansion model; ``baselines.teachers=false``
+    drops exactly their exports and transfers, and re-keys nothing else."""
+    parts = {p.name: p for p in build_parts(_cfg(), OUT)[0]}
+    for task, m in zip(("cls", "det", "seg"), TEACHERS):
+        export = parts[f"export {m}"]
+        assert (export.branch, export.source, export.deps) == (task, OUT / "expansion", ["expansion"])
+    without = _keys(_cfg("baselines.teachers=false"))
+    assert set(base) - set(without) == TEACHER_PRODUCTS and set(without) <= set(base)
+    assert all(base[n] == k for n, k in without.items())
 
 
 def test_keys_are_stable_and_independent_of_the_output_folder(base):
@@ -79,8 +94,11 @@ def test_keys_are_stable_and_independent_of_the_output_folder(base):
     ("transfer.seg_head=linear", TRANSFERS),
     ("transfer.eval_split=val", TRANSFERS),
     # expansion settings: the teacher, hence the student; no baseline
-    ("expansion.detach_others=false", {"expansion", "squeeze"} | XLEARNER_PRODUCT),
-    ("expansion.reconcile_from=all", {"expansion", "squeeze"} | XLEARNER_PRODUCT),
+    ("expansion.detach_others=false", {"expansion", "squeeze"} | XLEARNER_PRODUCT | TEACHER_PRODUCTS),
+    ("expansion.reconcile_from=all", {"expansion", "squeeze"} | XLEARNER_PRODUCT | TEACHER_PRODUCTS),
+    # the split of X-Learner's budget: its stages only (the squeeze learns from the re-keyed expansion)
+    ("expansion.steps=40", {"expansion", "squeeze"} | XLEARNER_PRODUCT | TEACHER_PRODUCTS),
+    ("squeeze.steps=40", {"squeeze"} | XLEARNER_PRODUCT),
     # shared training settings and data: every stage, hence everything downstream of them
     ("train.steps=31", EVERYTHING),
     ("train.lr=0.001", EVERYTHING),
@@ -142,8 +160,11 @@ EXTRA_PARTS = {
     **{n: _abl(n, "squeeze") for n in SQUEEZE_ONLY},
     # expansion (or source) settings: a new expansion model and a student of it
     **{n: _abl(n, "expansion", "squeeze") for n in RETRAIN_EXPANSION},
-    # the main expansion model's cls branch exported as is: no stage trained
-    "expansion_direct": _abl("expansion_direct"),
+    # the main expansion model's cls branch: the teacher row xlearner.expansion[cls] already (skipped)
+    "expansion_direct": set(),
+    # X-Learner's steps split otherwise between its stages: both again
+    "split_25_75": _abl("split_25_75", "expansion", "squeeze"),
+    "split_75_25": _abl("split_75_25", "expansion", "squeeze"),
     # quick's seg head is already the linear one, its distillation already CKA: these change nothing and are skipped
     "seg_linear_head": set(),
     "distill_cka": set(),
@@ -152,11 +173,12 @@ METHOD_STAGES = {
     **{n: ["expansion", f"ablations/{n}/squeeze"] for n in SQUEEZE_ONLY},
     "generalist_teacher": ["expansion", "msmt", "ablations/generalist_teacher/squeeze"],  # MSMT is a teacher
     **{n: [f"ablations/{n}/expansion", f"ablations/{n}/squeeze"] for n in RETRAIN_EXPANSION},
-    "expansion_direct": ["expansion"],
+    "split_25_75": ["ablations/split_25_75/expansion", "ablations/split_25_75/squeeze"],
+    "split_75_25": ["ablations/split_75_25/expansion", "ablations/split_75_25/squeeze"],
 }
 
 
-NO_OP_IN_QUICK = {"seg_linear_head", "distill_cka"}
+NO_OP_IN_QUICK = {"seg_linear_head", "distill_cka", "expansion_direct"}
 
 
 def test_every_ablation_has_an_expectation():
@@ -164,6 +186,7 @@ def test_every_ablation_has_an_expectation():
 
 
 @pytest.mark.filterwarnings("ignore:ablation (seg_linear_head|distill_cka) changes nothing")
+@pytest.mark.filterwarnings("ignore:ablation expansion_direct is the teacher row")
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_an_ablation_adds_exactly_its_own_parts_and_leaves_the_main_keys(base, name):
     keys = _keys(_cfg(), ablation=name)
@@ -193,7 +216,7 @@ def test_squeeze_ablation_follows_the_main_expansion_model():
     base = _keys(_cfg(), ablation="distill_l2")
     own = _abl("distill_l2", "squeeze")
     changed = _changed(base, _keys(_cfg("expansion.reconcile_from=all"), ablation="distill_l2"))
-    assert changed == {"expansion", "squeeze"} | XLEARNER_PRODUCT | own
+    assert changed == {"expansion", "squeeze"} | XLEARNER_PRODUCT | TEACHER_PRODUCTS | own
     changed = _changed(base, _keys(_cfg("squeeze.kd_weight=0.5"), ablation="distill_l2"))
     assert changed == {"squeeze"} | XLEARNER_PRODUCT | own
     changed = _changed(base, _keys(_cfg("transfer.steps=21"), ablation="distill_l2"))
@@ -202,11 +225,14 @@ def test_squeeze_ablation_follows_the_main_expansion_model():
 
 
 def test_expansion_direct_follows_the_expansion_model_not_the_squeeze_settings():
-    base = _keys(_cfg(), ablation="expansion_direct")
+    """Without teacher rows, ``expansion_direct`` exports the main expansion model's cls branch."""
+    off = "baselines.teachers=false"
+    base = _keys(_cfg(off), ablation="expansion_direct")
     own = _abl("expansion_direct")
-    assert _changed(base, _keys(_cfg("squeeze.distill_weight=0.5"), ablation="expansion_direct")) == \
+    assert own <= set(base)
+    assert _changed(base, _keys(_cfg(off, "squeeze.distill_weight=0.5"), ablation="expansion_direct")) == \
         {"squeeze"} | XLEARNER_PRODUCT
-    assert _changed(base, _keys(_cfg("expansion.detach_others=false"), ablation="expansion_direct")) == \
+    assert _changed(base, _keys(_cfg(off, "expansion.detach_others=false"), ablation="expansion_direct")) == \
         {"expansion", "squeeze"} | XLEARNER_PRODUCT | own
 
 

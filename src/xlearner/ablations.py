@@ -30,6 +30,15 @@ def _linear_seg_head(cfg: RunConfig) -> list[str]:
     return ["seg_head=linear", f"seg_loss_points={cfg.image_size ** 2 // 4}"]
 
 
+def _split(expansion_share: float) -> Callable[["RunConfig"], list[str]]:
+    """X-Learner's steps split between expansion and squeeze in another ratio, their total unchanged."""
+    def overrides(cfg: RunConfig) -> list[str]:
+        total = (cfg.expansion.steps or cfg.train.steps) + (cfg.squeeze.steps or cfg.train.steps)
+        exp = max(1, round(expansion_share * total))
+        return [f"expansion.steps={exp}", f"squeeze.steps={max(1, total - exp)}"]
+    return overrides
+
+
 _Overrides = list[str] | Callable[["RunConfig"], list[str]]
 
 _METHOD_ABLATIONS: dict[str, _Overrides] = {
@@ -57,7 +66,11 @@ _LEVER_ABLATIONS: dict[str, _Overrides] = {  # the method levers of the anchors 
     "task_balanced_sampling": _balanced_sampling,
     "seg_linear_head": _linear_seg_head,
 }
-ABLATIONS: dict[str, _Overrides] = {**_METHOD_ABLATIONS, **_LEVER_ABLATIONS}
+_SPLIT_ABLATIONS: dict[str, _Overrides] = {  # the split of X-Learner's budget (issue 29; docs/levers.md)
+    "split_25_75": _split(0.25),  # a quarter of X-Learner's steps in expansion, three quarters in squeeze
+    "split_75_25": _split(0.75),
+}
+ABLATIONS: dict[str, _Overrides] = {**_METHOD_ABLATIONS, **_LEVER_ABLATIONS, **_SPLIT_ABLATIONS}
 """Ablation name -> overrides of the X-Learner config (or a function of the config giving them)."""
 
 LEVERS = tuple(_LEVER_ABLATIONS)

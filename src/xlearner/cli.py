@@ -143,6 +143,10 @@ def _run_parser(sub) -> None:
                    help="add X-Learner ablations beside the main X-Learner, against the same baselines; "
                         "repeatable or comma-separated; 'levers' = every method lever (docs/levers.md). "
                         f"Names: {', '.join(ABLATIONS)}")
+    p.add_argument("--methods", default=None, type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                   metavar="NAME[,NAME...]",
+                   help="train and transfer only these methods and what they need (default: all), e.g. "
+                        "xlearner,msmt,msst_det; names as in the report (xlearner.expansion[det], scratch, ...)")
     _add_overrides(p)
 
 

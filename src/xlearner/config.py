@@ -266,11 +266,16 @@ class ExpansionConfig(_Strict):
     reconcile_from: Literal["same", "all"] = "same"
     """``same``: R_{t<-u} at stage s reads stage s of branch u (1x1 conv + BN); ``all``: stages 1..s of
     branch u, resampled to stage s (gv-benchmark's cross layers; ablation ``reconcile_all_stages``)."""
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps of the expansion stage (None: ``train.steps``); with ``squeeze.steps``, how
+    X-Learner splits its budget between the two stages (levers ``split_25_75``, ``split_75_25``)."""
 
 
 class SqueezeConfig(_Strict):
     init: str = "copy:cls"
     """``scratch`` or ``copy:<task>``: the student's initial weights."""
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps of the squeeze stage (None: ``train.steps``)."""
     distill_weight: float = Field(1.0, ge=0)
     distill_stages: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
     """Which stage features (1-based, of out_indices) are distilled."""
@@ -311,6 +316,9 @@ class BaselineConfig(_Strict):
     """Optimizer steps of every trained baseline (None: ``train.steps``). X-Learner trains its
     sources in two stages of ``train.steps`` (expansion, then squeeze); ``2 * train.steps`` gives
     each baseline as many batches of each of its sources as X-Learner sees in all."""
+    teachers: bool = True
+    """`xlearner run` also transfers each expansion branch as ``xlearner.expansion[<task>]``, so the
+    report shows what the squeezed student keeps of its teachers (not baselines: they are T backbones)."""
     imagenet: bool = True
     """`xlearner run` transfers torchvision's ImageNet MobileNetV2 untouched as the method ``imagenet``
     (no training stage; its ImageNet pretraining is an external cost) when ``backbone.name`` is

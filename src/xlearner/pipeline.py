@@ -42,7 +42,7 @@ def _key(*parts: object) -> str:
 
 UNKEYED = {"train": ("progress", "log_every", "ckpt_every", "num_workers", "compile_mode"),
            "squeeze": ("teacher",), "transfer": ("datasets",), "baselines": ("ssst_source", "ssst_task",
-                                                                            "msst_task", "imagenet")}
+                                                                            "msst_task", "imagenet", "teachers")}
 """Settings that change no result of the parts keyed by their section: display and checkpoint
 frequency, loader workers (the data stream does not depend on them), torch.compile's mode (how
 the step's kernels are launched, not what they compute), the teacher folder (the
@@ -176,17 +176,28 @@ def _xlearner_parts(plan: _Plan, prefix: str, xcfg: RunConfig, method: str, dire
     # the method's cost: every stage it needs (the generalist teacher's training included)
     plan.methods[method] = [exp_dir] + deps[1:] + [f"{prefix}squeeze"]
     plan.backbone_of[method] = (f"{prefix}squeeze", sq_key, None)
+    if not prefix and xcfg.baselines.teachers:  # the squeeze's teachers, each branch as a backbone
+        for task in xcfg.tasks:
+            plan.methods[teacher_method(task)] = [exp_dir]
+            plan.backbone_of[teacher_method(task)] = (exp_dir, exp_key, task)
+
+
+def teacher_method(task: str) -> str:
+    """The method name of the expansion branch of ``task`` transferred as a backbone (a teacher row)."""
+    return f"xlearner.expansion[{task}]"
 
 
 def _expansion_part(plan: _Plan, prefix: str, xcfg: RunConfig) -> tuple[str, str]:
     """The expansion stage's folder and key; an ablation of the squeeze stage only reuses the main
     expansion model (its teacher) instead of training the same one again."""
+    from xlearner.stages import STAGES
+
     exp_key = _key("expansion", _sections(xcfg, *UPSTREAM, "expansion"))
     exp_dir = f"{prefix}expansion"
     if prefix and plan.main_expansion_key == exp_key:
         exp_dir = "expansion"
     else:
-        plan.train(exp_dir, "expansion", xcfg, exp_key, plan.cfg.train.steps * len(plan.cfg.tasks))
+        plan.train(exp_dir, "expansion", xcfg, exp_key, STAGES["expansion"].steps(xcfg) * len(plan.cfg.tasks))
     if not prefix:
         plan.main_expansion_key = exp_key
     return exp_dir, exp_key
@@ -206,7 +217,7 @@ def _squeeze_part(plan: _Plan, prefix: str, xcfg: RunConfig, exp_dir: str, exp_k
         sq_cfg.squeeze.generalist = str(out / "msmt")
         sq_key = _key(sq_key, _baseline_key(STAGES["msmt"], "msmt", STAGES["msmt"].configure(cfg)))
         deps.append("msmt")
-    plan.train(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, cfg.train.steps * (len(cfg.tasks) + 1), deps)
+    plan.train(f"{prefix}squeeze", "squeeze", sq_cfg, sq_key, STAGES["squeeze"].steps(xcfg) * (len(cfg.tasks) + 1), deps)
     return sq_key, deps
 
 
@@ -214,6 +225,10 @@ def _ablation_parts(plan: _Plan, names: list[str]) -> None:
     """Each ablation: X-Learner's parts again with its overrides, under ``ablations/<name>/``."""
     cfg = plan.cfg
     for name in names:
+        if name == "expansion_direct" and cfg.baselines.teachers:
+            warnings.warn(f"ablation expansion_direct is the teacher row {teacher_method(cfg.baselines.ssst_task)} "
+                          "of this run (baselines.teachers): skipped", stacklevel=3)
+            continue
         acfg = load_config_like(cfg, ablation_overrides(name, cfg))
         if name != "expansion_direct" and acfg.to_dict() == cfg.to_dict():
             warnings.warn(f"ablation {name} changes nothing in this config ({', '.join(ablation_overrides(name, cfg))} "
@@ -330,6 +345,12 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None,
 
     parts, methods = build_parts(cfg, out, ablation)
     if only is not None:
+        unknown = [m for m in only if m not in methods]
+        if unknown:
+            from xlearner.config import ConfigError
+
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)} in --methods; this run's methods: "
+                              f"{', '.join(methods)}")
         parts, methods = parts_of(parts, methods, only), {m: methods[m] for m in only}
     # ablations of an earlier job in this folder keep their rows (and costs) in the report
     earlier = read_json(out / "methods.json") or {}
@@ -367,5 +388,5 @@ def run_command(args) -> int:
     overrides = list(args.overrides or [])
     cfg = load_config(args.preset, overrides)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    main_job(cfg, out, ablation=args.ablation)
+    main_job(cfg, out, ablation=args.ablation, only=getattr(args, "methods", None))
     return 0

@@ -118,11 +118,21 @@ def is_ablation(method: str) -> bool:
     return method.startswith("xlearner[")
 
 
+def is_teacher(method: str) -> bool:
+    """``xlearner.expansion[task]``: one expansion branch transferred as a backbone (a teacher row)."""
+    return method.startswith("xlearner.expansion[")
+
+
+def is_baseline(method: str, ref: str | None) -> bool:
+    """A row of the headline: neither X-Learner, nor one of its ablations, nor one of its teachers."""
+    return method != ref and not is_ablation(method) and not is_teacher(method)
+
+
 def reference_method(methods: list[str]) -> str | None:
     """The X-Learner entry the gains are measured from."""
     if "xlearner" in methods:
         return "xlearner"
-    cands = [m for m in methods if m.startswith("xlearner")]
+    cands = [m for m in methods if m.startswith("xlearner") and not is_teacher(m)]
     return cands[0] if cands else None
 
 
@@ -136,12 +146,14 @@ def collect(run_dir: str | Path) -> dict[str, Any]:
     gains, gains_se, gains_verdict = _task_gains(datasets, methods, ref, tasks)
     per_dataset_gain, per_dataset_gain_se, per_dataset_verdict = _dataset_gains(datasets, ref)
     ablations = _ablations(methods, ref, tasks, per_task, gains, gains_se)
+    retention = _retention(methods, ref, tasks, per_task, gains, gains_se)
     costs, stage_costs = _costs(run_dir, methods, method_stages, bb_params)
     gates = check_gates(run_dir, datasets, method_stages, _read_gates(run_dir))
     return {"run_dir": str(run_dir), "reference": ref, "methods": methods, "datasets": datasets,
             "per_task": per_task, "gains": gains, "gains_se": gains_se, "gains_verdict": gains_verdict,
             "per_dataset_gain": per_dataset_gain, "per_dataset_gain_se": per_dataset_gain_se,
-            "per_dataset_verdict": per_dataset_verdict, "ablations": ablations, "gates": gates,
+            "per_dataset_verdict": per_dataset_verdict, "ablations": ablations, "retention": retention,
+            "gates": gates,
             "costs": costs, "stage_costs": stage_costs, "units": "points (x100)"}
 
 
@@ -276,6 +288,22 @@ def _ablations(methods: list[str], ref: str | None, tasks: list[str], per_task: 
                 g, se = -gains[t][m], gains_se[t][m]
                 ablations[m][t] = {"mean": per_task[t][m]["mean"], "gain": g, "se": se, "verdict": verdict(g, se)}
     return ablations
+
+
+def _retention(methods: list[str], ref: str | None, tasks: list[str], per_task: dict[str, Any],
+               gains: dict[str, dict[str, float]], gains_se: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per task type, the student (X-Learner) minus its best teacher there (the expansion branch
+    with the highest average score on the task type), paired by seed: what the squeeze keeps."""
+    out: dict[str, Any] = {}
+    for t in tasks:
+        teachers = [m for m in methods if is_teacher(m) and m in per_task[t] and m in gains.get(t, {})]
+        if ref not in per_task.get(t, {}) or not teachers:
+            continue
+        best = max(teachers, key=lambda m: per_task[t][m]["mean"])
+        g, se = gains[t][best], gains_se[t][best]
+        out[t] = {"teacher": best, "teacher_mean": per_task[t][best]["mean"], "student_mean": per_task[t][ref]["mean"],
+                  "gain": g, "se": se, "verdict": verdict(g, se)}
+    return out
 
 
 def _costs(run_dir: Path, methods: list[str], method_stages: dict[str, list[str]],
@@ -433,7 +461,7 @@ def _plots(res: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
     # gains per task type
     gains = res["gains"]
-    baselines = [m for m in methods if m != ref and not is_ablation(m) and any(m in g for g in gains.values())]
+    baselines = [m for m in methods if is_baseline(m, ref) and any(m in g for g in gains.values())]
     if ref is not None and baselines and gains:
         tasks = list(gains)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) * len(baselines) + 2), 3.8))
@@ -605,7 +633,7 @@ def summarise_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     tasks = [t for t in _task_order() if any(t in r.get("per_task", {}) for _, r in runs)]
     levers = list(dict.fromkeys(m for _, r in runs for m in (r.get("ablations") or {})))
     baselines = list(dict.fromkeys(m for _, r in runs for t in (r.get("gains") or {})
-                                   for m in r["gains"][t] if not is_ablation(m)))
+                                   for m in r["gains"][t] if is_baseline(m, r.get("reference"))))
 
     def headline_cell(r, m, t):
         if m not in (r.get("gains") or {}).get(t, {}):
@@ -620,6 +648,8 @@ def summarise_runs(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["headline"] = _across_runs(runs, tasks, baselines, headline_cell)
     out["levers"] = _across_runs(runs, tasks, levers,
                                  lambda r, m, t: (r.get("ablations") or {}).get(m, {}).get(t))
+    out["retention"] = _across_runs(runs, tasks, ["student - best teacher"],
+                                    lambda r, m, t: (r.get("retention") or {}).get(t))["student - best teacher"]
     return out
 
 
@@ -638,6 +668,15 @@ def render_upstream_seed_summary(summary: dict[str, Any]) -> str:
                        + ", ".join(_signed(v["gain"]) for v in per_task[t]["per_run"].values()) + "]"
                        for t in tasks] for m, per_task in summary["headline"].items()]
         L += _table(["baseline"] + [_task_title(t) for t in tasks], rows) + [""]
+    ret = summary.get("retention") or {}
+    if any(ret[t]["n"] for t in ret):
+        L += ["### What the squeeze keeps: X-Learner minus its best teacher, points", "",
+              "Per run, the expansion branch with the best average score on the task type; mean ± s.e. over "
+              "the runs, then each run's figure.", ""]
+        L += _table(["", *[_task_title(t) for t in tasks]],
+                    [["student - best teacher"] + [_gain_cell(ret[t]["gain"], ret[t]["se"], ret[t]["verdict"]) + " ["
+                                                   + ", ".join(_signed(v["gain"]) for v in ret[t]["per_run"].values())
+                                                   + "]" for t in tasks]]) + [""]
     header = ["run", "X-Learner"] + [_task_title(t) for t in tasks]
     for m, per_task in summary["levers"].items():
         rows = []
@@ -655,7 +694,8 @@ def render_upstream_seed_summary(summary: dict[str, Any]) -> str:
 
 def render_markdown(res: dict[str, Any], plots: dict[str, str]) -> str:
     """report.md: one function per section, in the order a reader needs them."""
-    L = _intro(res) + _headline_section(res, plots) + _ablation_section(res) + _gate_section(res)
+    L = _intro(res) + _headline_section(res, plots) + _retention_section(res) + _ablation_section(res)
+    L += _gate_section(res)
     L += _dataset_section(res) + _task_average_section(res) + _cost_section(res) + _plots_section(plots)
     L += ["Every number above is in `results.json`."]
     return "\n".join(L) + "\n"
@@ -689,7 +729,7 @@ def _headline_section(res: dict[str, Any], plots: dict[str, str]) -> list[str]:
     tasks = list(res["gains"])
     rows = []
     for m in methods:
-        if m == ref or is_ablation(m):
+        if not is_baseline(m, ref):
             continue
         rows.append([m] + [_gain_cell(res["gains"][t].get(m), res["gains_se"][t].get(m),
                                       res["gains_verdict"][t].get(m)) for t in tasks])
@@ -697,6 +737,22 @@ def _headline_section(res: dict[str, Any], plots: dict[str, str]) -> list[str]:
     if "gains" in plots:
         L += [f"![gains]({plots['gains']})", ""]
     return L
+
+
+def _retention_section(res: dict[str, Any]) -> list[str]:
+    """The squeezed student against its best teacher per task type."""
+    ret, ref = res.get("retention") or {}, res["reference"]
+    if not ret:
+        return []
+    L = ["## What the squeeze keeps of its teachers", "",
+         f"Each expansion branch transferred as a backbone (`xlearner.expansion[task]`) beside {ref}, the one "
+         "backbone squeezed from them. The teachers are not baselines: together they are T backbones, each "
+         "trained on its own task's sources (reading the others' features through reconciliation). "
+         f"Retention: {ref} minus the best teacher on the task type, paired by seed (negative: the squeeze "
+         "lost part of what that teacher knew).", ""]
+    rows = [[_task_title(t), f"{r['student_mean']:.1f}", f"{r['teacher']} {r['teacher_mean']:.1f}",
+             _gain_cell(r["gain"], r["se"], r["verdict"])] for t, r in ret.items()]
+    return L + _table(["task type", ref, "best teacher", f"{ref} - best teacher"], rows) + [""]
 
 
 def _dataset_section(res: dict[str, Any]) -> list[str]:

@@ -137,8 +137,8 @@ IGNORED_ON_RESUME = ("name", "transfer", "gates", "train.progress", "train.log_e
                      "train.num_workers", "train.compile_mode")
 """Settings that do not change what a stage trains (display, checkpoint frequency, loader workers,
 how kernels launch; the sections read by transfer and the report): a resume may change them."""
-ALLOWED_ON_RESUME = ("train.steps", "baselines.steps", "train.val_every", "train.val_batches",
-                     "train.precise_bn_batches")
+ALLOWED_ON_RESUME = ("train.steps", "baselines.steps", "expansion.steps", "squeeze.steps", "train.val_every",
+                     "train.val_batches", "train.precise_bn_batches")
 """Settings a resume may change when ``--allow-change`` names them: more steps (the schedule is then
 that of the new count), and how often and on how much it validates. The others would not continue
 the same run: the optimizer's state and the schedule's base lr are restored from the checkpoint

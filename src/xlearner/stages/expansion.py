@@ -33,6 +33,10 @@ class ExpansionStage(NetStage):
     name = "expansion"
 
     @classmethod
+    def steps(cls, cfg):
+        return cfg.expansion.steps or cfg.train.steps
+
+    @classmethod
     def build(cls, cfg, specs, run_dir=None):
         return cls(cfg, specs, build_expanded_net(cfg, specs))
 

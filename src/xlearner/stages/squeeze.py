@@ -169,6 +169,10 @@ class SqueezeStage(NetStage):
     name = "squeeze"
 
     @classmethod
+    def steps(cls, cfg):
+        return cfg.squeeze.steps or cfg.train.steps
+
+    @classmethod
     def build(cls, cfg, specs, run_dir=None):
         from xlearner.runs import load_generalist, load_teacher, resolve_generalist_dir, resolve_teacher_dir
 
