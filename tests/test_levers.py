@@ -416,3 +416,18 @@ def test_scratch_stays_random_when_the_others_start_pretrained(tmp_path, embedde
 
     ref = torch.load(str(imagenet_weights_path()), map_location="cpu", weights_only=True)["features.0.0.weight"]
     assert torch.equal(imagenet, ref) and not torch.equal(scratch, ref)
+
+
+@pytest.mark.parametrize("name,expansion,squeeze", [("split_25_75", 130, 390), ("split_75_25", 390, 130)])
+def test_budget_split_levers_keep_x_learners_total_steps(name, expansion, squeeze):
+    """The split of X-Learner's budget: default's 260 + 260 steps moved between its two stages, the
+    total unchanged, read by the stages themselves (and by nothing else: the baselines keep theirs)."""
+    from xlearner.config import load_config
+    from xlearner.pipeline import ablation_overrides, load_config_like
+    from xlearner.stages import STAGES
+
+    cfg = load_config("default")
+    acfg = load_config_like(cfg, ablation_overrides(name, cfg))
+    assert (STAGES["expansion"].steps(acfg), STAGES["squeeze"].steps(acfg)) == (expansion, squeeze)
+    assert (STAGES["expansion"].steps(cfg), STAGES["squeeze"].steps(cfg)) == (260, 260)
+    assert STAGES["msmt"].steps(acfg) == STAGES["msmt"].steps(cfg) == 520

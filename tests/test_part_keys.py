@@ -272,3 +272,14 @@ def test_imagenet_transfers_rekey_with_the_transfer_neck_width():
     changed = _changed(base, _keys(_cfg("fpn_channels=32", preset="pretrained")))
     dense = {f"transfer imagenet -> {d}" for d in ("composed_det_animals", "composed_seg_animals")}
     assert dense <= changed
+
+
+def test_run_methods_option_refuses_an_unknown_method_before_training(tmp_path, capsys):
+    """`xlearner run --methods` names the run's methods; a misspelt one is a usage error (exit 2)
+    that lists them, before any part runs."""
+    from xlearner.cli import main
+
+    assert main(["run", "--preset", "quick", "--out", str(tmp_path / "r"), "--methods", "xlearner,msmtt"]) == 2
+    err = capsys.readouterr().err
+    assert "msmtt" in err and "xlearner.expansion[det]" in err and "msst_seg" in err
+    assert not (tmp_path / "r" / "expansion").exists()

@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-METHODS = {"xlearner", "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"}
+TEACHERS = {"xlearner.expansion[cls]", "xlearner.expansion[det]", "xlearner.expansion[seg]"}
+METHODS = {"xlearner", *TEACHERS, "ssst", "msst_cls", "msst_det", "msst_seg", "msmt", "scratch"}
 
 
 def _run(out, home, *extra):
@@ -46,6 +47,7 @@ def test_quick_main_job_completes_then_skips_every_finished_part(tmp_path, embed
     assert set(results["methods"]) == METHODS
     report = (out / "report.md").read_text()
     assert "Headline: gain of xlearner over each baseline" in report and "Training cost" in report
+    assert "What the squeeze keeps of its teachers" in report and set(results["retention"]) == {"cls", "det", "seg"}
     # the gate verdict opens the report, and the quick preset (1 seed, no upstream gates) cannot rank
     assert report.splitlines()[4].startswith("**Can this run rank backbones? NO")
     assert "gate failed: separation" in first.stdout

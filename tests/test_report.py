@@ -343,3 +343,87 @@ def test_report_refuses_a_folder_without_run_outputs(run_dir, tmp_path_factory, 
     (empty / "methods.json").write_text(json.dumps({"xlearner": ["expansion", "squeeze"]}))
     assert main(["report", str(empty)]) == 0  # a job that has started: its report says what is missing
     assert (empty / "report.md").is_file()
+
+
+def _add_teachers(run_dir, scores):
+    """Teacher rows: the expansion branches' transfers, one row per branch (as `xlearner run` writes them)."""
+    tasks = {"a_cls": ("cls", "top1"), "b_cls": ("cls", "top1"), "d_det": ("det", "mAP"), "s_seg": ("seg", "mIoU")}
+    for m, per in scores.items():
+        (run_dir / "transfer" / m).mkdir(parents=True)
+        for d, sc in per.items():
+            (run_dir / "transfer" / m / f"{d}.json").write_text(json.dumps(_res(d, *tasks[d], sc, 1000)))
+    methods = json.loads((run_dir / "methods.json").read_text())
+    (run_dir / "methods.json").write_text(json.dumps({**methods, **{m: ["expansion"] for m in scores}}))
+
+
+def test_teacher_rows_give_the_retention_and_stay_out_of_the_headline(run_dir):
+    """Student (xlearner) minus its best teacher per task type, paired by seed; the teachers are not
+    baselines: no headline row, no gain bar, and an across-seed summary keeps them out too."""
+    from xlearner.report import summarise_runs
+
+    _add_teachers(run_dir, {
+        # cls: the cls branch is the best teacher, (82+62)/2 = 72 on average; det: the det branch (0.45)
+        "xlearner.expansion[cls]": {"a_cls": [0.82, 0.86], "b_cls": [0.62, 0.60], "d_det": [0.10, 0.10],
+                                    "s_seg": [0.40, 0.40]},
+        "xlearner.expansion[det]": {"a_cls": [0.50, 0.50], "b_cls": [0.40, 0.40], "d_det": [0.40, 0.50],
+                                    "s_seg": [0.45, 0.45]},
+    })
+    md = write_report(run_dir).read_text()
+    res = json.loads((run_dir / "results.json").read_text())
+    ret = res["retention"]
+    assert ret["cls"]["teacher"] == "xlearner.expansion[cls]"
+    # per seed: seed0 ((80-82)+(60-62))/2 = -2, seed1 ((90-86)+(60-60))/2 = +2 -> 0 ± 2: tie
+    assert ret["cls"]["gain"] == pytest.approx(0.0) and ret["cls"]["se"] == pytest.approx(2.0)
+    assert ret["cls"]["verdict"] == "tie" and ret["cls"]["teacher_mean"] == pytest.approx(72.5)
+    assert ret["det"]["teacher"] == "xlearner.expansion[det]"
+    assert ret["det"]["gain"] == pytest.approx(-10.0) and ret["det"]["verdict"] == "loss"  # 30-40, 40-50
+    assert ret["seg"]["teacher"] == "xlearner.expansion[det]" and ret["seg"]["gain"] == pytest.approx(5.0)
+    headline = md.split("## Headline")[1].split("## ")[0]
+    assert "ssst" in headline and "xlearner.expansion" not in headline
+    assert "## What the squeeze keeps of its teachers" in md and "not baselines" in md
+    assert "| detection (COCO mAP) | 35.0 | xlearner.expansion[det] 45.0 | -10.0 ± 0.0 (loss) |" in md
+    assert res["costs"]["xlearner.expansion[det]"]["stages"] == ["expansion"]
+    summary = summarise_runs({"r0": res, "r1": res})
+    assert not any(m.startswith("xlearner.expansion") for m in summary["headline"])
+    assert summary["retention"]["det"]["gain"] == pytest.approx(-10.0) and summary["retention"]["det"]["n"] == 2
+
+
+def test_budget_curve_summary_slopes_and_verdict(tmp_path):
+    """benchmarks/budget_curve.py: per budget the gain across seeds, the slope of the gain per
+    doubling (least squares on log2 budget, with its s.e.), and the verdict from the smallest
+    budget at which every task type wins against MSMT."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "budget_curve", Path(__file__).parents[1] / "benchmarks" / "budget_curve.py")
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    slope, se, n = bc._slope([(1, 0.0), (2, 1.0), (4, 2.0), (1, 0.5), (2, 1.5), (4, 2.5)])
+    # residuals +-0.25: s.e. = sqrt(6 * 0.0625 / (6 - 2) / Sxx 4)
+    assert (slope, n) == (pytest.approx(1.0), 6) and se == pytest.approx((0.375 / 4 / 4) ** 0.5)
+    assert bc._slope([(1, 0.0), (1, 1.0)])[0] != bc._slope([(1, 0.0), (1, 1.0)])[0]  # one budget: nan
+
+    ref = {"cls": 90.0, "det": 5.0}
+    msmt = {1: [(-1.0, 1.0), (-1.5, 0.5)], 2: [(0.0, 1.5), (0.4, 1.7)], 4: [(1.0, 2.0), (1.2, 2.2)]}
+    for b, per_seed in msmt.items():
+        for seed, (c, d) in enumerate(per_seed):
+            r = tmp_path / f"x{b}_s{seed}"
+            _fake_results(r, ref, {"cls": 0.0}, seed=seed, baseline_gains={"cls": c, "det": d})
+            res = json.loads((r / "results.json").read_text())
+            res["gains_se"] = {"cls": {"msmt": 0.1}, "det": {"msmt": 0.1}}
+            res["gains_verdict"] = {"cls": {"msmt": "win" if c > 0 else "loss"}, "det": {"msmt": "win"}}
+            res["retention"] = {"det": {"gain": -d, "se": 0.1, "verdict": "loss"}}
+            (r / "results.json").write_text(json.dumps(res))
+    curve = bc.summarise(tmp_path, [1.0, 2.0, 4.0], [0, 1])
+    cls1 = curve["budgets"]["1"]["headline"]["msmt"]["cls"]
+    assert cls1["gain"] == pytest.approx(-1.25) and cls1["n"] == 2 and cls1["verdict"] == "loss"
+    assert curve["budgets"]["2"]["headline"]["msmt"]["cls"]["verdict"] == "tie"  # +0.2 ± 0.2
+    assert curve["budgets"]["4"]["headline"]["msmt"]["cls"]["verdict"] == "win"  # +1.1 ± 0.1
+    assert curve["slopes"]["msmt"]["cls"]["per_doubling"] == pytest.approx(1.175)
+    assert curve["verdict"].startswith("X-Learner wins every task type against MSMT from 4x")
+    assert curve["budgets"]["4"]["retention"]["det"]["gain"] == pytest.approx(-2.1)
+    md = bc.render(curve, [])
+    assert "| 1x | -1.2 ± 0.2 (loss, n=2) |" in md and "## Verdict" in md
+    bc.plot(curve, tmp_path / "budget.png")
+    assert (tmp_path / "budget.png").stat().st_size > 1000
