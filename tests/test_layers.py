@@ -24,7 +24,8 @@ NEVER = {
     "xlearner.runs": TOP[:4],
     "xlearner.report": TOP[:2] + ("xlearner.transfer",),
     "xlearner.transfer": TOP[:2],
-    "xlearner.pipeline": TOP[:1],
+    "xlearner.pipeline": TOP[:1] + ("xlearner.bench",),
+    "xlearner.bench": TOP[:1],
 }
 # ... and what it does not import itself (it may reach them through config's task names)
 NOT_DIRECTLY = {

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the Python traceback too (also: XLEARNER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_data_parser, _train_parser, _export_parser, _transfer_parser, _run_parser, _report_parser):
+    for add in (_data_parser, _train_parser, _export_parser, _transfer_parser, _run_parser, _report_parser,
+                _bench_parser):
         add(sub)
     return parser
 
@@ -158,6 +159,17 @@ def _report_parser(sub) -> None:
                                                "(markdown) to this file")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure this config here: loader and stage throughput, what binds each "
+                                     "stage, peak memory, and the estimated wall time of `xlearner run`")
+    p.add_argument("config", help="preset name (quick, default, gpu, ...) or YAML path")
+    p.add_argument("--steps", type=int, default=10, help="training steps measured per stage (default 10)")
+    p.add_argument("--loader-batches", type=int, default=10, help="batches timed per source loader (default 10)")
+    p.add_argument("--no-transfer", action="store_true", help="do not time the transfers (left out of the estimate)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
+    _add_overrides(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may come after options (`train quick --stage msmt train.steps=5`), which argparse
@@ -229,6 +241,9 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if args.command == "report":
         from xlearner.report import report_command
         return report_command(args)
+    if args.command == "bench":
+        from xlearner.bench import bench_command
+        return bench_command(args)
     raise AssertionError(args.command)
 
 
