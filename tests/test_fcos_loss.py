@@ -1,7 +1,7 @@
 """The batched FCOS target assignment and loss equal torchvision's per-image FCOS loss."""
 import pytest
 import torch
-from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.fcos import FCOS, FCOSHead
 
 from xlearner.models.heads import DetHead, build_det_neck, det_levels, fcos_loss, fcos_match, pad_targets
 
@@ -37,6 +37,7 @@ def test_batched_fcos_loss_equals_torchvision(seed, size, strides):
     head, outputs, anchors, per_level, targets = _random_case(seed, size, strides, num_classes=5, batch=4)
     ref_out = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
     ours_out = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+    head.head = FCOSHead(32, 1, 5, num_convs=1)  # torchvision's own loss (FCOSHead.compute_loss) as the reference
     ref = FCOS.compute_loss(head, targets, ref_out, [anchors] * len(targets), per_level)
     boxes, labels = pad_targets(targets, anchors.device)
     matched = fcos_match(anchors, per_level, boxes, labels, head.center_sampling_radius)
@@ -54,6 +55,7 @@ def test_batched_fcos_loss_equals_torchvision(seed, size, strides):
 def test_batched_fcos_loss_without_any_box_is_finite():
     head, outputs, anchors, per_level, targets = _random_case(5, 64, [8, 16, 32, 64, 128], 3, 2)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    head.head = FCOSHead(32, 1, 3, num_convs=1)  # torchvision's own loss as the reference
     ref = FCOS.compute_loss(head, empty, outputs, [anchors] * 2, per_level)
     boxes, labels = pad_targets(empty, anchors.device)
     ours = fcos_loss(outputs, anchors, fcos_match(anchors, per_level, boxes, labels, 1.5), boxes, labels)
@@ -160,3 +162,38 @@ def test_anchors_under_torch_compile_equal_eager_and_compile_once(monkeypatch):
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(second, eager)
     assert len(head._anchor_cache) == 1  # eager mode still caches
+
+
+@pytest.mark.parametrize("num_convs", [2, 4])
+def test_fused_fcos_head_equals_torchvision_outputs_and_gradients(num_convs):
+    """FusedFCOSHead (the towers run as one conv, grouped convs and GroupNorm(64)) against the
+    torchvision FCOSHead it is built from: the same outputs and the same gradients of the
+    features and of every weight (the fused weights' gradients are the stacked originals')."""
+    from torchvision.models.detection.fcos import FCOSHead
+
+    from xlearner.models.heads import FusedFCOSHead
+
+    torch.manual_seed(0)
+    ref = FCOSHead(64, 1, 7, num_convs=num_convs)
+    for p in ref.parameters():  # away from torchvision's zero biases, so that every term counts
+        p.data.normal_(0, 0.05)
+    fused = FusedFCOSHead.from_fcos(ref)
+    x = [torch.randn(3, 64, 12, 12), torch.randn(3, 64, 6, 6)]
+    xa, xb = [t.clone().requires_grad_() for t in x], [t.clone().requires_grad_() for t in x]
+    a, b = ref(xa), fused(xb)
+    w = {k: torch.randn_like(v) for k, v in a.items()}
+    for k in a:
+        assert b[k].shape == a[k].shape and torch.allclose(a[k], b[k], atol=1e-6), k
+    sum((a[k] * w[k]).sum() for k in a).backward()
+    sum((b[k] * w[k]).sum() for k in b).backward()
+    for ga, gb in zip(xa, xb):
+        assert torch.allclose(ga.grad, gb.grad, atol=1e-6)
+    cls_t, reg_t = ref.classification_head.conv, ref.regression_head.conv
+    for i in range(num_convs):
+        for j in (0, 1):
+            want = torch.cat([cls_t[3 * i + j].weight.grad, reg_t[3 * i + j].weight.grad])
+            assert torch.allclose(fused.towers[3 * i + j].weight.grad, want, atol=1e-6), (i, j)
+    reg = ref.regression_head
+    assert torch.allclose(fused.box.weight.grad, torch.cat([reg.bbox_reg.weight.grad, reg.bbox_ctrness.weight.grad]),
+                          atol=1e-6)
+    assert torch.allclose(fused.cls_logits.bias.grad, ref.classification_head.cls_logits.bias.grad, atol=1e-6)

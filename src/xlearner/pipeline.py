@@ -30,10 +30,11 @@ def imagenet_compatible(cfg: RunConfig) -> bool:
     return cfg.backbone.name == "tv:mobilenet_v2" and not cfg.backbone.kwargs
 
 
-MODEL_LAYOUT = 3
+MODEL_LAYOUT = 4
 """Bumped when the models' layout or losses change for the same config (2: det head on FCOS's
 levels P3..P7, no stride-4 level; 3: the squeeze student is the stage's ``net`` as in every stage, and
-``baselines.ssst_task`` exists): finished parts of an older layout are not reused."""
+``baselines.ssst_task`` exists; 4: the det head's two towers fused, ``FusedFCOSHead``): finished
+parts of an older layout are not reused."""
 
 
 def _key(*parts: object) -> str:
