@@ -87,7 +87,8 @@ def stage_probe(part, steps: int) -> dict:
             "step_s": step / done if done else 0.0, "data_wait_s": data_wait / done if done else 0.0,
             "eval_s": evals, "images_per_step": images / done if done else 0,
             "binds": ("data" if data_wait > step else "compute") if done else "-",
-            "peak_memory_mb": peak_memory_mb()}
+            "peak_memory_mb": peak_memory_mb(), "backbone_params": (info.get("cost") or {}).get("backbone_params"),
+            "gflops_per_image": (info.get("cost") or {}).get("gflops_per_image") or {}}
 
 
 def stage_eta(probe: dict, val_every: int) -> float:
@@ -184,7 +185,7 @@ def render(res: dict) -> str:
     for st in res["stages"]:
         per = st["step_s"] + st["data_wait_s"]
         rate = st["images_per_step"] / per if per else 0.0
-        L.append(f"  {st['stage']:<12} {st['steps']:>6} {st['step_s']:>8.3f} {st['data_wait_s']:>8.3f} {rate:>9.0f} "
+        L.append(f"  {st['stage']:<12} {st['steps']:>6} {st['step_s']:>8.3f} {st['data_wait_s']:>8.3f} {rate:>9.1f} "
                  f"{st['binds']:>8} {st['setup_s']:>8.1f} {st['eval_s']:>6.1f} {st['peak_memory_mb']:>8.0f} "
                  f"{res['eta']['train_s'][st['stage']]:>8.1f}")
     if res["transfers"]:
