@@ -21,6 +21,7 @@ the median window is used. Rounds rotate the order of the stages.
     python benchmarks/bench_stages.py [--preset default] [--steps 10] [--rounds 3] [--stages msst_det,...]
     python benchmarks/bench_stages.py --profile msst_det   # torch.profiler table of one stage's step
     python benchmarks/bench_stages.py --preset gpu --count-ops train.amp=bf16   # operators per step
+    python benchmarks/bench_stages.py --preset gpu --graph-breaks   # graphs and breaks per stage under torch.compile
     python benchmarks/bench_stages.py --preset gpu train.compile=true   # stage and plain through torch.compile
 """
 from __future__ import annotations
@@ -286,6 +287,23 @@ def print_op_counts(cfg: RunConfig, stages: list[str], device: torch.device) -> 
         print(f"{st:<10} {na:>9d} {nb:>9d}  {nb * t / na:.2f}{' (vs plain/%d)' % t if t > 1 else ''}  {top}")
 
 
+def graph_breaks(runner: Runner) -> tuple[int, int, list[str]]:
+    """Graphs and graph breaks of the stage's forward and loss as the engine compiles it
+    (``torch.compile(module)``; the backward follows the forward's graph through AOTAutograd), and
+    the first break reasons: 1 graph and 0 breaks is what ``fullgraph=True`` needs."""
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda batch: sum(runner.module(batch).values()))(runner.batch)
+    return ex.graph_count, ex.graph_break_count, [str(r.reason).splitlines()[0] for r in ex.break_reasons[:3]]
+
+
+def print_graph_breaks(cfg: RunConfig, stages: list[str], device: torch.device) -> None:
+    print(f"bench_stages --graph-breaks: preset {cfg.name}; each stage's forward and loss traced by torch._dynamo.explain")
+    print(f"{'stage':<10} {'graphs':>6} {'breaks':>6}  reasons")
+    for st, (a, _) in build_pairs(cfg, stages, device).items():
+        graphs, breaks, reasons = graph_breaks(a)
+        print(f"{st:<10} {graphs:>6d} {breaks:>6d}  {'; '.join(reasons) or '-'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="default")
@@ -298,6 +316,8 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="print a torch.profiler table of one stage (or 'plain' on the det images) instead")
     ap.add_argument("--count-ops", action="store_true",
                     help="print the operators one step dispatches, stage against plain, instead of timing")
+    ap.add_argument("--graph-breaks", action="store_true",
+                    help="print each stage's graphs and graph breaks under torch.compile (torch._dynamo.explain)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="CPU only: 'cpu' times steps by this thread's CPU time (with 1 thread: robust to "
@@ -321,6 +341,9 @@ def main() -> None:
         return
     if args.count_ops:
         print_op_counts(cfg, stages, device)
+        return
+    if args.graph_breaks:
+        print_graph_breaks(cfg, stages, device)
         return
 
     runners = build_pairs(cfg, stages, device)

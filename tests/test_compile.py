@@ -1,0 +1,54 @@
+"""Every stage's training step compiles whole: ``fullgraph=True`` (which raises at a graph break)
+(issue 28, item 2), and the compiled losses and gradients equal eager ones.
+``bench_stages.py --graph-breaks`` prints the graphs and breaks per stage.
+
+The backend is ``aot_eager``: dynamo's capture and AOTAutograd's backward graph, which is where a
+break or an untraceable operator would show, without inductor's code generation (minutes on CPU).
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_spec = importlib.util.spec_from_file_location("bench_stages", Path(__file__).parents[1] / "benchmarks" / "bench_stages.py")
+bench_stages = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_stages)
+
+STAGES = ("msst_cls", "msst_det", "msst_seg", "msmt", "expansion", "squeeze")
+
+
+@pytest.fixture(scope="module")
+def runners():
+    from xlearner.config import load_config
+
+    cfg = load_config("quick", [f"sources.{n}.batch_size=2" for n in ("fashion", "mnist", "glyph_det", "glyph_seg")],
+                      check_files=False)
+    return {st: pair[0] for st, pair in bench_stages.build_pairs(cfg, list(STAGES), torch.device("cpu")).items()}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_step_compiles_whole_and_equals_eager(runners, stage):
+    runner = runners[stage]
+    module = runner.module
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(fn):
+        for p in params:
+            p.grad = None
+        torch.manual_seed(0)  # the seg loss samples its pixels
+        loss = sum(fn(runner.batch).values())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() if p.grad is not None else None for p in params]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")  # a graph break raises here
+    eager_loss, eager_grads = step(module)
+    loss, grads = step(compiled)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert sum(g is not None for g in grads) == sum(g is not None for g in eager_grads) > 0
+    for g, e in zip(grads, eager_grads):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
