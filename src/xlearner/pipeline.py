@@ -353,9 +353,11 @@ def main_job(cfg: RunConfig, out: Path, ablation: str | list[str] | None = None,
             raise ConfigError(f"unknown method(s) {', '.join(unknown)} in --methods; this run's methods: "
                               f"{', '.join(methods)}")
         parts, methods = parts_of(parts, methods, only), {m: methods[m] for m in only}
-    # ablations of an earlier job in this folder keep their rows (and costs) in the report
+    # ablations of an earlier job in this folder keep their rows (and costs) in the report, and so does
+    # every method of an earlier job when this one runs only some (``only``: `xlearner run --methods`)
     earlier = read_json(out / "methods.json") or {}
-    methods.update({m: s for m, s in earlier.items() if m.startswith("xlearner[") and m not in methods})
+    methods.update({m: s for m, s in earlier.items()
+                    if m not in methods and (m.startswith("xlearner[") or only is not None)})
     write_json_atomic(out / "methods.json", methods)
     write_text_atomic(out / "config.yaml", json.dumps(cfg.to_dict(), indent=2))
     ticks = {id(p): max(1, round(100 * p.weight)) for p in parts}  # integer ticks: the bar ends exactly at 100 %
