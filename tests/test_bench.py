@@ -45,3 +45,20 @@ def test_bench_quick_estimates_the_quick_run_within_30_percent(tmp_path, embedde
     estimate = res["eta"]["total_s"]
     print(f"bench quick: estimate {estimate:.1f} s, measured run {measured:.1f} s ({estimate / measured:.2f})")
     assert abs(estimate - measured) <= 0.3 * measured, (estimate, measured)
+
+
+def test_bench_tables_show_every_stage_the_binding_side_and_the_estimate():
+    from xlearner.bench import render
+
+    stage = {"stage": "expansion", "steps": 260, "probe_steps": 10, "setup_s": 4.0, "step_s": 0.5, "data_wait_s": 0.7,
+             "eval_s": 2.0, "images_per_step": 96, "binds": "data", "peak_memory_mb": 900.0}
+    res = {"config": "mine", "device": "cpu", "threads": 2, "probe_steps": 10,
+           "loaders": [{"source": "pets", "task": "cls", "workers": 2, "images_per_s": 812.0, "first_batch_s": 0.3}],
+           "stages": [stage], "transfers": [{"dataset": "animal_mnist", "seeds": 3, "first_s": 9.0, "again_s": 6.0}],
+           "eta": {"train_s": {"expansion": 316.0}, "transfer_s": 27.0, "transfers_per_method_s": 6.0, "report_s": 1.0,
+                   "total_s": 344.0, "methods": 4, "assumptions": ["one", "two"]}}
+    text = render(res)
+    assert "pets" in text and "812" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("expansion"))
+    assert "data" in row and "80.0" in row and "316.0" in row  # 96 images / 1.2 s per step
+    assert "5.7 min (344 s" in text and "  - two" in text
