@@ -78,8 +78,9 @@ def _slope(points: list[tuple[float, float]]) -> tuple[float, float, int]:
     return slope, math.sqrt(ssr / (n - 2) / sxx), n
 
 
-def summarise(out: Path, budgets: list[float], seeds: list[int]) -> dict:
-    """The curve from every finished run under ``out`` (a run is finished when its results.json is there)."""
+def summarise(out: Path, budgets: list[float], seeds: list[int], methods: list[str] | None = None) -> dict:
+    """The curve from every finished run under ``out`` (a run is finished when its results.json is there);
+    ``methods``: the baselines shown (default: every one the runs have)."""
     from xlearner.report import upstream_seed_summary
 
     curve: dict = {"budgets": {}, "slopes": {}, "verdict": None}
@@ -89,6 +90,8 @@ def summarise(out: Path, budgets: list[float], seeds: list[int]) -> dict:
         if not dirs:
             continue
         summary = upstream_seed_summary(dirs)
+        if methods is not None:
+            summary["headline"] = {m: v for m, v in summary["headline"].items() if m in methods}
         curve["budgets"][f"{b:g}"] = {"runs": [str(d) for d in dirs], "tasks": summary["tasks"],
                                       "headline": summary["headline"], "retention": summary["retention"]}
         for m, per_task in summary["headline"].items():
@@ -107,9 +110,13 @@ def summarise(out: Path, budgets: list[float], seeds: list[int]) -> dict:
 def verdict_text(curve: dict) -> str:
     """The smallest budget at which X-Learner wins every task type against MSMT, or the trend."""
     for b, entry in curve["budgets"].items():
-        cells = (entry["headline"].get("msmt") or {})
-        if cells and all(c["verdict"] == "win" for c in cells.values()):
-            return f"X-Learner wins every task type against MSMT from {b}x the preset's budget on."
+        cells = entry["headline"].get("msmt") or {}
+        verdicts = [c["verdict"] if c["n"] > 1 else next(iter(c["per_run"].values()))["verdict"]
+                    for c in cells.values() if c["n"]]
+        if verdicts and all(v == "win" for v in verdicts):
+            runs = max(c["n"] for c in cells.values())
+            return (f"X-Learner wins every task type against MSMT from {b}x the preset's budget on"
+                    + (" (one upstream seed: judged on its transfer seeds only)." if runs == 1 else "."))
     slopes = curve["slopes"].get("msmt") or {}
     if not slopes:
         return "No finished run yet."
@@ -121,8 +128,13 @@ def verdict_text(curve: dict) -> str:
 
 
 def _cell(c: dict) -> str:
+    """mean ± s.e. over upstream seeds; with one run, that run's gain ± its s.e. over transfer seeds."""
     if c is None or c.get("n", 0) == 0 or c.get("gain") is None or math.isnan(c["gain"]):
         return "-"
+    if c["n"] == 1 and c.get("per_run"):
+        (run,) = c["per_run"].values()
+        se = "" if run.get("se") is None or math.isnan(run["se"]) else f" ± {run['se']:.1f}"
+        return f"{run['gain']:+.1f}{se} ({run['verdict']}, 1 run)"
     se = "" if c["se"] is None or math.isnan(c["se"]) else f" ± {c['se']:.1f}"
     return f"{c['gain']:+.1f}{se} ({c['verdict']}, n={c['n']})"
 
@@ -132,8 +144,10 @@ def render(curve: dict, runs: list[dict]) -> str:
 
     L = ["# X-Learner against budget", "",
          "Gain = X-Learner minus the method, points, per task type: mean over upstream seeds ± s.e. over "
-         "them (n = seeds), win / loss where |mean| > 2 s.e. Retention = X-Learner minus its best "
-         "teacher (expansion branch) on the task type.", ""]
+         "them (n = seeds), win / loss where |mean| > 2 s.e. With one upstream seed (1 run): that run's gain ± "
+         "its s.e. over transfer seeds, which leaves out the spread between upstream trainings. Retention = "
+         "X-Learner minus its best teacher (expansion branch) on the task type. Per doubling: the least-squares "
+         "slope of the runs' gains against log2(budget) ± its s.e. (n = runs).", ""]
     tasks = next(iter(curve["budgets"].values()))["tasks"] if curve["budgets"] else []
     methods = list(dict.fromkeys(m for e in curve["budgets"].values() for m in e["headline"]))
     for m in methods:
@@ -188,7 +202,7 @@ def plot(curve: dict, path: Path) -> None:
 def write_summary(args, runs: list[dict]) -> None:
     from xlearner.files import write_json_atomic, write_text_atomic
 
-    curve = summarise(args.out, args.budgets, args.seeds)
+    curve = summarise(args.out, args.budgets, args.seeds, args.methods)
     write_json_atomic(args.out / "budget.json", {**curve, "runs": runs})
     write_text_atomic(args.out / "budget.md", render(curve, runs))
     if curve["budgets"]:
