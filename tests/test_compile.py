@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # dynamo traces through the lru_cache of the CPU resize weights and says it may be unsound
+              pytest.mark.filterwarnings("ignore:.*lru_cache")]
 
 _spec = importlib.util.spec_from_file_location("bench_stages", Path(__file__).parents[1] / "benchmarks" / "bench_stages.py")
 bench_stages = importlib.util.module_from_spec(_spec)
