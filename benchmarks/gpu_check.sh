@@ -121,8 +121,8 @@ fi
              m = (c % 2) ? v[(c+1)/2] : (v[c/2] + v[c/2+1]) / 2
              printf "%s: wall %s s, SM utilisation mean %.0f %%, median %.0f %% (%d samples)\n", n, w, s/c, m, c}'
   done
-  [ -f "$WORK/count_ops.txt" ] && grep -E "^(msst|msmt|expansion|squeeze)" "$WORK/count_ops.txt" | sed "s/^/ops: /"
-  [ -f "$WORK/graph_breaks.txt" ] && grep -E "^(msst|msmt|expansion|squeeze)" "$WORK/graph_breaks.txt" | sed "s/^/graph: /"
+  [ -f "$WORK/count_ops.txt" ] && grep -E "^(msst_[a-z]+|msmt|expansion|squeeze) +[0-9]" "$WORK/count_ops.txt" | sed "s/^/ops: /"
+  [ -f "$WORK/graph_breaks.txt" ] && grep -E "^(msst_[a-z]+|msmt|expansion|squeeze) +[0-9]" "$WORK/graph_breaks.txt" | sed "s/^/graph: /"
   [ -f "$WORK/bench_stages.txt" ] && grep -E "^ratios" "$WORK/bench_stages.txt"
   for f in "$WORK"/bench_compile_*.txt; do
     [ -f "$f" ] && grep -E "^ratios|^msst_" "$f" | sed "s/^/$(basename "$f" .txt): /"
