@@ -32,7 +32,6 @@ from pathlib import Path
 # random weights (ssst and msst_cls are left out: X-Learner wins against them at every budget measured).
 METHODS = ["xlearner", "xlearner.expansion[cls]", "xlearner.expansion[det]", "xlearner.expansion[seg]",
            "msmt", "msst_det", "msst_seg", "scratch"]
-SCALED = ("train.steps", "baselines.steps", "train.warmup_steps")
 
 
 def scaled_overrides(preset: str, budget: float, extra: list[str]) -> list[str]:
@@ -42,6 +41,9 @@ def scaled_overrides(preset: str, budget: float, extra: list[str]) -> list[str]:
     cfg = load_config(preset, extra)
     base = {"train.steps": cfg.train.steps, "baselines.steps": cfg.baselines.steps or cfg.train.steps,
             "train.warmup_steps": cfg.train.warmup_steps}
+    for key, value in (("expansion.steps", cfg.expansion.steps), ("squeeze.steps", cfg.squeeze.steps)):
+        if value is not None:  # a split of X-Learner's steps (docs/levers.md) scales with the rest
+            base[key] = value
     return [f"{k}={max(1, round(v * budget)) if k != 'train.warmup_steps' else round(v * budget)}"
             for k, v in base.items()]
 
@@ -55,7 +57,7 @@ def run_one(args, budget: float, seed: int) -> dict:
     d = run_dir(args.out, budget, seed)
     cmd = ([sys.executable, "-m", "xlearner", "run", "--preset", args.preset, "--out", str(d),
             "--methods", ",".join(args.methods), f"seed={seed}"]
-           + scaled_overrides(args.preset, budget, args.overrides) + list(args.overrides))
+           + list(args.overrides) + scaled_overrides(args.preset, budget, args.overrides))  # the scaled ones win
     print(f"[budget] {budget:g}x seed {seed}: {' '.join(cmd[2:])}", flush=True)
     t = time.time()
     rc = subprocess.call(cmd)

@@ -400,6 +400,10 @@ def test_budget_curve_summary_slopes_and_verdict(tmp_path):
     bc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bc)
     slope, se, n = bc._slope([(1, 0.0), (2, 1.0), (4, 2.0), (1, 0.5), (2, 1.5), (4, 2.5)])
+    # every method's steps scale alike, X-Learner's split between its stages too (docs/levers.md)
+    assert bc.scaled_overrides("default", 2, []) == ["train.steps=520", "baselines.steps=1040", "train.warmup_steps=60"]
+    assert bc.scaled_overrides("default", 4, ["expansion.steps=130", "squeeze.steps=390"])[-2:] == \
+        ["expansion.steps=520", "squeeze.steps=1560"]
     # residuals +-0.25: s.e. = sqrt(6 * 0.0625 / (6 - 2) / Sxx 4)
     assert (slope, n) == (pytest.approx(1.0), 6) and se == pytest.approx((0.375 / 4 / 4) ** 0.5)
     assert bc._slope([(1, 0.0), (1, 1.0)])[0] != bc._slope([(1, 0.0), (1, 1.0)])[0]  # one budget: nan
