@@ -12,6 +12,7 @@ and forward GFLOPs per image; then per source a transfer (frozen / linear, a few
 
     python benchmarks/bench_users_scale.py                         # single process
     torchrun --nproc_per_node 2 benchmarks/bench_users_scale.py --stages-only   # 2 ranks (gloo on CPU)
+    python benchmarks/bench_users_scale.py --shards                # loaders: packed shards against the files
 
 On CPU the batches are scaled down (``--batch-scale``, default 0.125 there: 8 / 1 / 1 images per
 source and step) so that a step takes seconds, not minutes; shapes per image are the template's.
@@ -161,6 +162,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="steps measured per stage")
     ap.add_argument("--stages-only", action="store_true", help="expansion, squeeze, msmt only (for torchrun)")
+    ap.add_argument("--shards", action="store_true", help="only the loaders: the ImageNet- and COCO-like sources "
+                                                          "from their files and packed as shards, 0/1/2 workers")
+    ap.add_argument("--loader-batches", type=int, default=6, help="with --shards: batches timed per loader")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     import torch
@@ -175,6 +179,8 @@ def main() -> int:
     cfg = users_config(args.data.resolve(), scale, args.workers, args.steps)
     if args.stages_only:
         return stages_only(cfg, args, rank)
+    if args.shards:
+        return shard_throughput(cfg, args)
     from xlearner.bench import measure, render
 
     folder = args.data / "bench_run"
@@ -191,6 +197,36 @@ def main() -> int:
               f"peak {t['peak_memory_mb']:.0f} MB")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def shard_throughput(cfg, args, repeats: int = 2) -> int:
+    """Images/s of each source's training loader (the template's transforms) from its files and from
+    its packed shards, at 0, 1 and 2 workers; files and shards alternate so drift hits both alike."""
+    from xlearner.bench import loader_rate
+    from xlearner.data.shards import MANIFEST
+    from xlearner.data.sources import pack_source
+
+    rows = []
+    for s in cfg.sources[:2]:  # imagenet (cls JPEGs ~500x375), coco (det, 640x480)
+        packed_dir = args.data / f"{s.name}.shards"
+        if not (packed_dir / MANIFEST).is_file():
+            pack_source(s, packed_dir, shard_samples=16)
+        file_fields = ("annotations", "masks", *(f"{p}_{k}" for p in ("val", "test") for k in ("root", "annotations", "masks")))
+        packed = s.model_copy(update={"format": "shards", "root": packed_dir.resolve(), **dict.fromkeys(file_fields)})
+        for workers in (0, 1, 2):
+            wcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})
+            rate = {"files": [], "shards": []}
+            for _ in range(repeats):
+                for kind, src in (("files", s), ("shards", packed)):
+                    rate[kind].append(loader_rate(wcfg, src, args.loader_batches)["images_per_s"])
+            files, shards = (float(np.median(rate[k])) for k in ("files", "shards"))
+            rows.append({"source": s.name, "task": s.task, "workers": workers, "batch": s.batch_size,
+                         "files_images_per_s": files, "shards_images_per_s": shards, "ratio": shards / files})
+            print(f"  {s.name:<9} {s.task} workers {workers}: files {files:7.1f} img/s, shards {shards:7.1f} img/s, "
+                  f"shards / files {shards / files:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

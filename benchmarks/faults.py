@@ -4,6 +4,7 @@
     python benchmarks/faults.py --tries 3 --spawn     # each run a fresh `python -m xlearner.cli`
     python benchmarks/faults.py --bad-inputs          # the bad-input table (data check, train error/skip)
     python benchmarks/faults.py --elastic --tries 3   # torchrun restarts after one rank is SIGKILLed
+    python benchmarks/faults.py --shards ...          # either, with both sources read from packed shards
 
 A reference run trains a tiny two-source config (cls ImageFolder + det COCO, augmentation on,
 a checkpoint every step, validation every 8 steps) without interruption. Each try starts the
@@ -46,8 +47,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 STEPS = 16
 
 
-def write_config(root: Path) -> Path:
-    """Tiny data (16 px) and a config that checkpoints every step."""
+def write_config(root: Path, shards: bool = False) -> Path:
+    """Tiny data (16 px) and a config that checkpoints every step; with ``shards``, both sources are
+    packed (`xlearner data pack`, 4 records a shard) and read from their shards."""
     import numpy as np
     import yaml
     from PIL import Image
@@ -69,6 +71,14 @@ def write_config(root: Path) -> Path:
     data["sources"] = [{**cls, "name": "shapes", "batch_size": 4, "val_fraction": 0.2},
                        {**det, "name": "boxes", "batch_size": 2, "val_fraction": 0.2}]
     data["train"].update(ckpt_every=1, val_every=8, log_every=1)
+    if shards:
+        from xlearner.config import SourceConfig
+        from xlearner.data.sources import pack_source
+
+        for i, src in enumerate(data["sources"]):
+            pack_source(SourceConfig(**src), root / f"{src['name']}.shards", shard_samples=4, echo=lambda _: None)
+            data["sources"][i] = {k: src[k] for k in ("name", "task", "batch_size")}
+            data["sources"][i].update(format="shards", root=str(root / f"{src['name']}.shards"))
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -176,11 +186,12 @@ def main() -> int:
     ap.add_argument("--bad-inputs", action="store_true", help="print the bad-input table instead")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--elastic", action="store_true", help="kill one rank of a torchrun group instead")
+    ap.add_argument("--shards", action="store_true", help="read both sources from packed shards (format: shards)")
     args = ap.parse_args()
     if args.bad_inputs:
         return bad_input_table()
     if args.elastic:
-        return elastic_trial(args.tries, args.seed, args.keep)
+        return elastic_trial(args.tries, args.seed, args.keep, args.shards)
     import torch
 
     from xlearner.engine.checkpoint import load_checkpoint
@@ -196,7 +207,7 @@ def main() -> int:
             importlib.import_module(mod)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="xlearner-faults-"))
-    config = write_config(work)
+    config = write_config(work, args.shards)
     t = time.perf_counter()
     ref = Run(config, work / "ref", resume=False, spawn=args.spawn)
     assert ref.wait() == 0, (work / "ref.console").read_text()
@@ -293,11 +304,11 @@ def kill_one_rank(config: Path, out: Path, steps: int, rank: int, after: int) ->
         ("; resumed from the checkpoint" if resumed else "; NOT resumed")
 
 
-def elastic_trial(tries: int, seed: int, keep: bool) -> int:
+def elastic_trial(tries: int, seed: int, keep: bool, shards: bool = False) -> int:
     """Kill one rank of a torchrun group per try; its restart must resume and match an uninterrupted run."""
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="xlearner-elastic-"))
-    config = write_config(work)
+    config = write_config(work, args.shards)
     t = time.perf_counter()
     ref = torchrun(config, work / "ref", STEPS, restarts=0)
     assert ref.wait() == 0, (work / "ref.console").read_text()

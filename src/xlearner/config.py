@@ -32,7 +32,7 @@ def _known_task(name: str) -> str:
 Task = Annotated[str, AfterValidator(_known_task)]
 """A registered task name (``xlearner.tasks``): cls, det, seg, or one a user registered."""
 
-SourceFormat = Literal["embedded", "imagefolder", "csv", "coco", "voc", "maskfolder"]
+SourceFormat = Literal["embedded", "imagefolder", "csv", "coco", "voc", "maskfolder", "shards"]
 
 
 MAX_IMAGE_PIXELS = 89_478_485
@@ -134,7 +134,8 @@ class SourceConfig(_Strict):
     dataset: str | None = None
     """For format=embedded: the embedded dataset's name (see `xlearner data list`)."""
     root: Path | None = None
-    """Images: ImageFolder root, CSV/COCO/VOC image folder, or mask-folder images."""
+    """Images: ImageFolder root, CSV/COCO/VOC image folder, mask-folder images, or the folder
+    ``xlearner data pack`` wrote (format shards)."""
     annotations: Path | None = None
     """CSV file (cls), COCO JSON file (det), or folder of VOC XML files (det)."""
     masks: Path | None = None
@@ -194,12 +195,19 @@ class SourceConfig(_Strict):
             "coco": ["root", "annotations"],
             "voc": ["root", "annotations"],
             "maskfolder": ["root", "masks", "class_names"],
+            "shards": ["root"],
         }[self.format]
         missing = [f for f in needed if getattr(self, f) is None]
         if missing:
             raise ValueError(
                 f"source '{self.name}' (format {self.format}) needs {', '.join(missing)}"
             )
+        if self.format == "shards":
+            stray = [f for f in ("annotations", "masks", "val_root", "val_annotations", "val_masks", "test_root",
+                                 "test_annotations", "test_masks") if getattr(self, f) is not None]
+            if stray:
+                raise ValueError(f"source '{self.name}' (format shards): the packed folder holds its splits, labels "
+                                 f"and masks; remove {', '.join(stray)}")
         if self.resize == "keep_ratio" and not _tasks.get(self.task).dense:
             raise ValueError(f"source '{self.name}': resize: keep_ratio applies to det/seg sources; "
                              f"remove it (cls images are cropped to a square)")

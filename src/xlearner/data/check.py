@@ -27,14 +27,24 @@ def check_source(cfg: SourceConfig, echo: Callable[[str], None] = print) -> int:
         problems += 1
         echo(f"PROBLEM {text}")
 
+    files = cfg.format not in ("embedded", "shards")  # splits given as paths in the config
     for split in SPLITS:
-        if split != "train" and cfg.format != "embedded" and cfg.val_fraction == 0:
+        if split == "val" and cfg.format == "shards":
+            from xlearner.data.shards import read_manifest
+
+            try:
+                if "val" not in read_manifest(cfg.root)["splits"]:
+                    echo("[val] no val split was packed")
+                    continue
+            except BadSampleError:
+                pass  # opening the split reports it
+        if split != "train" and files and cfg.val_fraction == 0:
             from xlearner.data.readers import split_paths
 
             if not split_paths(cfg, split)[1]:  # no such split declared: nothing to check, not a problem
                 echo(f"[{split}] no {split} split (val_fraction: 0 and no {split}_* paths)")
                 continue
-        if split == "test" and cfg.format != "embedded" and not any(
+        if split == "test" and files and not any(
                 getattr(cfg, f"test_{k}") is not None for k in ("root", "annotations", "masks")):
             echo("[test] no test split given: test is the val split (already checked)")
             continue  # known before opening it: a val that cannot be opened is reported once
@@ -47,6 +57,8 @@ def check_source(cfg: SourceConfig, echo: Callable[[str], None] = print) -> int:
             echo(f"[test] no test split given: test is the val split (already checked)")
             continue
         for msg in ds.bad.skipped:
+            problem(f"[{split}] {msg}")
+        for msg in getattr(ds, "verify", lambda: [])():  # shards: each file against its sha256
             problem(f"[{split}] {msg}")
         load = getattr(ds, "load", None)  # readers: decode without the skip fallback
         for i in range(len(ds)):

@@ -1,4 +1,4 @@
-"""`xlearner data fetch|list|show|check`."""
+"""`xlearner data fetch|list|show|check|pack`."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,8 @@ def main(args: argparse.Namespace) -> int:
         from xlearner.data.check import check_source_file
         problems = check_source_file(args.source_yaml)
         return EXIT_DATA_PROBLEMS if problems else 0
+    if args.data_command == "pack":
+        return _pack(args)
     raise AssertionError(args.data_command)
 
 
@@ -43,6 +45,32 @@ def _show(args: argparse.Namespace) -> int:
         raise AssertionError(args.name)
     out = show_grid(ds, args.out, n=args.num, seed=args.seed)
     print(f"wrote {out}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    import yaml
+
+    from xlearner.config import ConfigError, load_source_config
+    from xlearner.data.shards import MANIFEST
+    from xlearner.data.sources import pack_source
+
+    if args.shard_samples < 1:
+        raise ConfigError(f"--shard-samples must be at least 1, got {args.shard_samples}")
+    cfg = load_source_config(args.source_yaml)
+    out = Path(args.out)
+    manifest = pack_source(cfg, out, shard_samples=args.shard_samples)
+    # the same source, read from the shards: its training settings kept, its file fields gone
+    entry = cfg.model_dump(mode="json", exclude_none=True, exclude={
+        "dataset", "annotations", "masks", "val_fraction", "split_seed", "reduce_zero_label", "label_map",
+        "composer", "allow_outside_root", *(f"{s}_{k}" for s in ("val", "test") for k in ("root", "annotations", "masks"))})
+    entry.update(format="shards", root=str(out.resolve()))
+    if cfg.format == "embedded" and cfg.resize is None and cfg.task != "cls":
+        entry["resize"] = "square"  # as the embedded source was trained (a packed folder is a user's data)
+    (out / "source.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
+    total = sum(s["samples"] for s in manifest["splits"].values())
+    print(f"wrote {total} records of source '{cfg.name}' to {out} ({MANIFEST}); train from them with the "
+          f"source {out / 'source.yaml'}")
     return 0
 
 

@@ -43,9 +43,16 @@ class ShardedInfiniteSampler(Sampler):
     Pass e of the data is ``randperm(n)`` seeded by (seed, source, e), padded by wrap-around to
     ``world_size * ceil(n / world_size)`` and sharded ``[rank::world_size]``: ranks see disjoint
     indices (up to the padding) and the same number per pass.
+
+    With ``shard_sizes`` (a packed source's shards, in index order) and several ranks, pass e deals
+    whole shards instead: the shards in a seeded order, each to the rank holding the fewest samples
+    so far, so a rank reads only its own files; each rank then reads its shards' samples in a seeded
+    order, wrapped or cut to ``ceil(n / world_size)`` (by less than one shard). One rank, or fewer
+    shards than ranks, takes the plain permutation, so a packed source trains exactly as its files.
     """
 
-    def __init__(self, n: int, *, seed: int, source: str, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(self, n: int, *, seed: int, source: str, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shard_sizes: list[int] | None = None):
         if n <= 0:
             raise ValueError(f"source '{source}' has no samples")
         if not 0 <= rank < world_size:
@@ -54,13 +61,31 @@ class ShardedInfiniteSampler(Sampler):
         self.key = source_key(source)
         self.rank, self.world_size, self.start = rank, world_size, start
         self.per_rank = -(-n // world_size)
+        if shard_sizes is not None and sum(shard_sizes) != n:
+            raise ValueError(f"source '{source}': shard sizes sum to {sum(shard_sizes)}, not its {n} samples")
+        self.shard_sizes = list(shard_sizes) if shard_sizes and world_size > 1 and len(shard_sizes) >= world_size else None
 
     def shard(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(_mix(self.seed, self.key, epoch))
+        if self.shard_sizes is not None:
+            return self._whole_shards(g)
         perm = torch.randperm(self.n, generator=g).tolist()
         total = self.per_rank * self.world_size
         perm = (perm * (-(-total // self.n)))[:total]
         return perm[self.rank::self.world_size]
+
+    def _whole_shards(self, g: torch.Generator) -> list[int]:
+        starts = [0]
+        for size in self.shard_sizes:
+            starts.append(starts[-1] + size)
+        loads, mine = [0] * self.world_size, []
+        for j in torch.randperm(len(self.shard_sizes), generator=g).tolist():
+            r = min(range(self.world_size), key=lambda q: (loads[q], q))
+            loads[r] += self.shard_sizes[j]
+            if r == self.rank:
+                mine.extend(range(starts[j], starts[j + 1]))
+        order = [mine[k] for k in torch.randperm(len(mine), generator=g).tolist()]
+        return (order * (-(-self.per_rank // len(order))))[:self.per_rank]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         pos = self.start
@@ -145,7 +170,8 @@ class MultiSourceLoader:
         for name, ds in self.datasets.items():
             bs = self.batch_sizes[name]
             sampler = ShardedInfiniteSampler(len(ds), seed=self.seed, source=name, rank=self.rank,
-                                             world_size=self.world_size, start=self._consumed[name] * bs)
+                                             world_size=self.world_size, start=self._consumed[name] * bs,
+                                             shard_sizes=getattr(ds, "shard_sizes", None))
             loader = DataLoader(
                 SeededTransformDataset(ds, self.transforms[name]), batch_size=bs, sampler=sampler,
                 drop_last=True, num_workers=self.num_workers, pin_memory=self.pin_memory,

@@ -24,7 +24,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -71,26 +71,28 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+def _open_checked(path: Path | BinaryIO, max_pixels: int, shown: Any = None) -> Image.Image:
     """``Image.open`` (lazy: nothing decoded yet) refusing an image of more than ``max_pixels``.
 
     PIL's own bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above twice that)
-    is raised to a larger configured limit, so the source's ``max_image_pixels`` is the one rule."""
+    is raised to a larger configured limit, so the source's ``max_image_pixels`` is the one rule.
+    ``shown`` names the file in messages (a shard member read from memory has no path of its own)."""
+    shown = path if shown is None else shown
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         im = Image.open(path)
     except Image.DecompressionBombError as exc:  # over twice the limit: PIL refuses to open it
-        raise BadSampleError(_too_many_pixels(path, str(exc).split(" exceeds")[0], max_pixels)) from None
+        raise BadSampleError(_too_many_pixels(shown, str(exc).split(" exceeds")[0], max_pixels)) from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise BadSampleError(_too_many_pixels(path, f"image is {w}x{h} = {w * h:,} pixels, "
+        raise BadSampleError(_too_many_pixels(shown, f"image is {w}x{h} = {w * h:,} pixels, "
                                                     f"{w * h * 3 / 1e6:,.0f} MB decoded", max_pixels))
     return im
 
 
-def _too_many_pixels(path: Path, size: str, max_pixels: int) -> str:
+def _too_many_pixels(path: Any, size: str, max_pixels: int) -> str:
     return (f"{path}: {size}, over this source's max_image_pixels ({max_pixels:,}); downscale the image, "
             f"or raise max_image_pixels in the source's config if it is meant")
 
@@ -105,7 +107,7 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
-def decode_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_image(path: Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, name: Any = None) -> torch.Tensor:
     """uint8 (3, H, W) as displayed (EXIF orientation applied, see ``_upright``); grey, palette, RGBA,
     CMYK and 16-bit images are converted to RGB (see ``_to_rgb8``); an image of more than
     ``max_pixels`` is refused before it is decoded.
@@ -113,37 +115,39 @@ def decode_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor
     The (3, H, W) view keeps the decoder's H, W, 3 memory order (as torchvision's pil_to_tensor
     does): a transposing copy of a full image cost 40 % of a JPEG's decode-and-crop time, and the
     transforms give the same pixels either way (their output is contiguous)."""
+    shown = path if name is None else name  # a shard member is named by its shard and key
     try:
-        with _open_checked(path, max_pixels) as im:
+        with _open_checked(path, max_pixels, shown) as im:
             arr = _to_rgb8(_upright(im))
     except BadSampleError:
         raise
     except FileNotFoundError:
-        raise BadSampleError(f"{path}: image file is missing (restore it or remove its record)") from None
+        raise BadSampleError(f"{shown}: image file is missing (restore it or remove its record)") from None
     except Exception as exc:  # PIL raises many types for truncated/corrupt files
         raise BadSampleError(
-            f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+            f"{shown}: cannot decode image ({type(exc).__name__}: {exc}); "
             f"re-export the file or remove its record"
         ) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def decode_mask(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_mask(path: Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, name: Any = None) -> torch.Tensor:
     """int64 (H, W) of class indices from a single-channel (L, P, I) PNG, as displayed (``_upright``)."""
+    shown = path if name is None else name  # a shard member is named by its shard and key
     try:
-        with _open_checked(path, max_pixels) as im:
+        with _open_checked(path, max_pixels, shown) as im:
             if im.mode not in ("L", "P", "I", "1") + _MODES_16BIT:  # 16-bit label PNGs keep their values
                 raise BadSampleError(
-                    f"{path}: mask has mode {im.mode}; masks must be single-channel PNGs holding "
+                    f"{shown}: mask has mode {im.mode}; masks must be single-channel PNGs holding "
                     f"class indices (mode L or P), 255 = ignore"
                 )
             arr = np.asarray(_upright(im)).astype(np.int64)
     except BadSampleError:
         raise
     except FileNotFoundError:
-        raise BadSampleError(f"{path}: mask file is missing (restore it or remove the image)") from None
+        raise BadSampleError(f"{shown}: mask file is missing (restore it or remove the image)") from None
     except Exception as exc:
-        raise BadSampleError(f"{path}: cannot decode mask ({type(exc).__name__}: {exc}); re-export it") from None
+        raise BadSampleError(f"{shown}: cannot decode mask ({type(exc).__name__}: {exc}); re-export it") from None
     return torch.from_numpy(arr)
 
 

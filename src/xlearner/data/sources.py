@@ -14,6 +14,10 @@ def open_source(cfg: SourceConfig, split: str = "train") -> Dataset:
 
         ds = open_dataset(cfg.dataset, split, composer=cfg.composer)
         ds.bad.policy = cfg.on_bad_sample  # embedded data is verified by sha256, but keep the contract
+    elif cfg.format == "shards":
+        from xlearner.data.shards import ShardSource
+
+        ds = ShardSource(cfg, split)
     else:
         from xlearner.data.readers import READERS
 
@@ -24,6 +28,20 @@ def open_source(cfg: SourceConfig, split: str = "train") -> Dataset:
         raise ConfigError(f"source '{cfg.name}' says task {cfg.task} but its data ({cfg.format}"
                           f"{' ' + cfg.dataset if cfg.dataset else ''}) is a {ds.task} dataset; fix task")
     return ds
+
+
+def pack_source(cfg: SourceConfig, out, shard_samples: int = 1000, echo=print) -> dict:
+    """`xlearner data pack`: every split the source has, written as shards (``shards.write_pack``)."""
+    from xlearner.data.shards import packed_splits, write_pack
+
+    if cfg.format == "shards":
+        raise ConfigError(f"source '{cfg.name}' is already shards ({cfg.root}); copy the folder instead")
+    splits = {}
+    for split in packed_splits(cfg):
+        ds = open_source(cfg, split)
+        if not (split == "test" and getattr(ds, "test_is_val", False)):
+            splits[split] = ds
+    return write_pack(cfg, splits, out, shard_samples=shard_samples, echo=echo)
 
 
 def build_source(cfg: SourceConfig, split: str = "train") -> Dataset:
@@ -51,6 +69,8 @@ class SubsetSource(Dataset):
 
     def __getattr__(self, name: str):
         if name in ("base", "indices"):  # not yet set (unpickling)
+            raise AttributeError(name)
+        if name == "shard_sizes":  # a subset's records are not laid out in the base's shards
             raise AttributeError(name)
         return getattr(self.base, name)
 
