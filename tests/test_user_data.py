@@ -297,3 +297,19 @@ def test_reading_safeguards_at_their_defaults_leave_config_dumps_and_keys_as_bef
     t = SourceConfig(name="s", task="cls", dataset="mnist", max_image_pixels=10, allow_outside_root=True)
     back = SourceConfig.model_validate(t.model_dump(mode="json"))
     assert back.max_image_pixels == 10 and back.allow_outside_root is True
+
+
+def test_coco_val_file_with_other_categories_than_train_is_refused(tmp_path):
+    """Classes are numbered in sorted-id order per file: a val file lacking one of train's categories
+    would score class 'c' as 'b'. Refused, naming what differs; the same list reads."""
+    images = two_images(tmp_path)
+    anns = [{"id": 1, "image_id": 0, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}]
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+    train = coco_file(tmp_path, images, anns, cats)
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps({"images": images, "annotations": anns, "categories": [cats[0], cats[2]]}))
+    c = cfg(**train, val_annotations=val)
+    with pytest.raises(BadSampleError, match=r"lacks train's category ids \[2\].*same 'categories' list"):
+        CocoSource(c, "val")
+    val.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    assert CocoSource(c, "val").records[0].target["labels"].tolist() == [2]

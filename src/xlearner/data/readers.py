@@ -597,6 +597,8 @@ class CocoSource(BoxRecords):
         idx = coco_index(path)
         self.category_ids = idx["cat_ids"].tolist()
         names = idx["cat_names"].tolist()
+        if self.explicit:
+            self._same_categories_as_train(path, idx)
         if self.cfg.class_names:
             if len(self.cfg.class_names) != len(names):
                 raise BadSampleError(f"{path}: config class_names has {len(self.cfg.class_names)} names but the "
@@ -628,6 +630,24 @@ class CocoSource(BoxRecords):
         for where, text in zip(idx["orphan_where"].tolist(), idx["orphan_text"].tolist()):
             out.append(Record(path, where, problems=[text]))
         return out
+
+
+    def _same_categories_as_train(self, path: Path, idx: dict) -> None:
+        """A split with its own file numbers its categories as train's file does, or is refused: classes
+        are numbered in sorted-id order per file, so a val file lacking one of train's categories would
+        silently score every later class as another."""
+        train = Path(split_paths(self.cfg, "train")[0]["annotations"])
+        if train.resolve() == path.resolve():
+            return
+        mine = dict(zip(idx["cat_ids"].tolist(), idx["cat_names"].tolist()))
+        theirs = dict(zip(*(coco_index(train)[k].tolist() for k in ("cat_ids", "cat_names"))))
+        if mine == theirs:
+            return
+        diff = [f"{what} {sorted(ids)}" for what, ids in (
+            ("lacks train's category ids", set(theirs) - set(mine)), ("adds ids", set(mine) - set(theirs)),
+            ("renames ids", {i for i in set(mine) & set(theirs) if mine[i] != theirs[i]})) if ids]
+        raise BadSampleError(f"{path}: its categories are not those of train's {train}: it {'; '.join(diff)}; "
+                             f"give every split the same 'categories' list (as COCO's train2017 and val2017 do)")
 
 
 OUTSIDE_ROOT_FIX = ("move the image under root and fix the path, or set allow_outside_root: true in this "
