@@ -19,7 +19,6 @@ A packed folder::
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -151,11 +150,9 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from xlearner.data.embedded.safety import sha256_file  # lazy: the embedded package is heavy to import
+
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------------------
