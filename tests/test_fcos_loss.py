@@ -52,6 +52,28 @@ def test_batched_fcos_loss_equals_torchvision(seed, size, strides):
         torch.testing.assert_close(ours_out[k].grad, ref_out[k].grad, rtol=1e-5, atol=1e-5, msg=f"grad {k}")
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_padding_to_a_fixed_number_of_boxes_changes_no_loss_nor_gradient(seed):
+    """train.det_pad_boxes: every batch padded to 32 boxes per image (one shape for a compiled step)."""
+    head, outputs, anchors, per_level, targets = _random_case(seed, 64, [8, 16, 32, 64, 128], 5, 4)
+    results = []
+    for min_boxes in (1, 32):
+        out = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+        boxes, labels = pad_targets(targets, anchors.device, min_boxes=min_boxes)
+        assert boxes.shape[1] == (32 if min_boxes == 32 else max(len(t["labels"]) for t in targets))
+        loss = fcos_loss(out, anchors, fcos_match(anchors, per_level, boxes, labels, 1.5), boxes, labels)
+        sum(loss.values()).backward()
+        results.append((loss, {k: v.grad for k, v in out.items()}))
+    (plain, g_plain), (padded, g_padded) = results
+    for k in plain:
+        torch.testing.assert_close(padded[k], plain[k], rtol=1e-6, atol=1e-6, msg=k)
+    for k in g_plain:
+        torch.testing.assert_close(g_padded[k], g_plain[k], rtol=1e-6, atol=1e-6, msg=f"grad {k}")
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    boxes, labels = pad_targets(empty, anchors.device, min_boxes=32)
+    assert boxes.shape == (2, 32, 4) and bool((labels == -1).all())
+
+
 def test_batched_fcos_loss_without_any_box_is_finite():
     head, outputs, anchors, per_level, targets = _random_case(5, 64, [8, 16, 32, 64, 128], 3, 2)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2

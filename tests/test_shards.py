@@ -203,3 +203,14 @@ def test_two_gloo_ranks_train_on_disjoint_shards_and_a_killed_rank_resumes_ident
     losses, vals, w = faults.results(tmp_path / "killed")
     assert sorted(losses) == list(range(1, steps + 1)) and losses == ref_losses and vals == ref_vals
     assert all(torch.equal(w[k], ref_w[k]) for k in ref_w)
+
+
+def test_an_embedded_source_packs_its_decoded_images_and_reads_them_back(tmp_path, embedded_home):
+    embedded_home("sklearn_digits")
+    cfg = SourceConfig(name="digits", task="cls", format="embedded", dataset="sklearn_digits")
+    packed = shards_of(cfg, tmp_path / "p", shard_samples=500)
+    for split in ("train", "val", "test"):
+        want, got = open_source(cfg, split), open_source(packed, split)
+        assert len(got) == len(want) and got.class_names == want.class_names
+        for i in (0, len(want) // 2, len(want) - 1):
+            assert same(want[i], got[i]), (split, i)

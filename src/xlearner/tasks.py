@@ -110,6 +110,14 @@ class Task:
         """What is wrong with a record's target, or None when it is sound."""
         return None
 
+    def to_record(self, target: dict) -> tuple[dict, dict[str, Tensor]]:
+        """A target as a packed shard keeps it (`xlearner data pack`): JSON fields, and integer
+        planes (image-sized, stored as PNGs) by name; ``from_record`` gives the target back exactly."""
+        raise NotImplementedError(f"task {self.name} cannot be packed into shards")
+
+    def from_record(self, meta: dict, planes: dict[str, Tensor]) -> dict:
+        raise NotImplementedError(f"task {self.name} cannot be read from shards")
+
     def draw(self, image: Tensor, target: dict, class_names: Sequence[str], scale: float,
              style: "DrawStyle") -> tuple[Tensor, str, set[int]]:
         """``xlearner data show``: the (upscaled by ``scale``) uint8 image with its target drawn, a
@@ -177,6 +185,12 @@ class ClsTask(Task):
     def draw(self, image, target, class_names, scale, style):
         return image, class_names[target["label"]], set()
 
+    def to_record(self, target):
+        return {"label": int(target["label"])}, {}
+
+    def from_record(self, meta, planes):
+        return {"label": int(meta["label"])}
+
     def check_target(self, image, target, num_classes, where):
         label = target.get("label")
         if not isinstance(label, int) or not 0 <= label < num_classes:
@@ -224,7 +238,8 @@ class DetTask(Task):
         if padded:  # 3 tensors a batch cross from the worker (and to the GPU) instead of 2B + 1
             from xlearner.models.heads import pad_targets
 
-            boxes, labels = pad_targets([t for _, t in samples], torch.device("cpu"))
+            # padded: True, or at least this many boxes per image (train.det_pad_boxes)
+            boxes, labels = pad_targets([t for _, t in samples], torch.device("cpu"), min_boxes=int(padded))
             return {"images": images, "boxes": boxes, "labels": labels}
         return {"images": images, "targets": [
             {"boxes": torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
@@ -247,6 +262,19 @@ class DetTask(Task):
     def original_target(self, target):
         return {"boxes": torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.as_tensor(target["labels"], dtype=torch.int64)}
+
+    def to_record(self, target):
+        meta = {"boxes": target["boxes"].tolist(), "labels": target["labels"].tolist()}
+        if target.get("image_id") is not None:  # COCO: scoring against the annotation file needs it
+            meta["image_id"] = int(target["image_id"])
+        return meta, {}
+
+    def from_record(self, meta, planes):
+        out = {"boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4),
+               "labels": torch.tensor(meta["labels"], dtype=torch.int64)}
+        if "image_id" in meta:
+            out["image_id"] = int(meta["image_id"])
+        return out
 
     def draw(self, image, target, class_names, scale, style):
         from torchvision.utils import draw_bounding_boxes
@@ -386,6 +414,12 @@ class SegTask(Task):
     def original_target(self, target):
         mask = torch.as_tensor(target["mask"])
         return {"mask": mask.to(torch.uint8) if mask.numel() and int(mask.max()) <= 255 else mask}
+
+    def to_record(self, target):
+        return {}, {"mask": target["mask"]}  # after the source's label mapping
+
+    def from_record(self, meta, planes):
+        return {"mask": planes["mask"]}
 
     def draw(self, image, target, class_names, scale, style):
         """The classes present (class 0, background, and ignored pixels left undrawn) as coloured masks."""

@@ -65,7 +65,9 @@ def _pack(args: argparse.Namespace) -> int:
         "dataset", "annotations", "masks", "val_fraction", "split_seed", "reduce_zero_label", "label_map",
         "composer", "allow_outside_root", *(f"{s}_{k}" for s in ("val", "test") for k in ("root", "annotations", "masks"))})
     entry.update(format="shards", root=str(out.resolve()))
-    if cfg.format == "embedded" and cfg.resize is None and cfg.task != "cls":
+    from xlearner import tasks
+
+    if cfg.format == "embedded" and cfg.resize is None and tasks.get(cfg.task).dense:
         entry["resize"] = "square"  # as the embedded source was trained (a packed folder is a user's data)
     (out / "source.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
     total = sum(s["samples"] for s in manifest["splits"].values())

@@ -127,19 +127,14 @@ def _sample(index: int, image: torch.Tensor, target: dict, task: str, where: str
     if file is not None:
         ext, data = file.suffix.lower().lstrip(".") or "img", file.read_bytes()
     else:
-        ext, data = "png", _png(image.permute(1, 2, 0).numpy())
-    meta: dict = {"where": where}
-    if task == "cls":
-        meta["label"] = int(target["label"])
-    elif task == "det":
-        meta["boxes"] = target["boxes"].tolist()
-        meta["labels"] = target["labels"].tolist()
-        if target.get("image_id") is not None:
-            meta["image_id"] = int(target["image_id"])
-    sample = {"__key__": f"{index:09d}", f"img.{ext}": data, "json": json.dumps(meta).encode()}
-    if task == "seg":
-        mask = target["mask"].numpy()
-        sample["mask.png"] = _png(mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.uint16))
+        ext, data = "png", _png(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    from xlearner import tasks
+
+    fields, planes = tasks.get(task).to_record(target)
+    sample = {"__key__": f"{index:09d}", f"img.{ext}": data, "json": json.dumps({"where": where, **fields}).encode()}
+    for name, plane in planes.items():  # image-sized integer planes (seg masks) as 8- or 16-bit PNGs
+        plane = plane.numpy()
+        sample[f"{name}.png"] = _png(plane.astype(np.uint8 if plane.max(initial=0) <= 255 else np.uint16))
     return sample
 
 
@@ -278,22 +273,17 @@ class ShardSource(RecordSource):
             raise BadSampleError(f"{where}: holds key {sample['__key__']}; the shard is out of order: pack again")
         name = f"{where} [packed from {meta['where']}]"
         image = decode_image(sample[image_member], self.cfg.max_image_pixels, name=name)
-        return image, self._unpack_target(meta, sample, image, name)
+        from xlearner import tasks
 
-    def _unpack_target(self, meta: dict, sample: dict, image: torch.Tensor, name: str) -> dict:
-        if self.task == "cls":
-            return {"label": int(meta["label"])}
-        if self.task == "det":
-            out = {"boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4),
-                   "labels": torch.tensor(meta["labels"], dtype=torch.int64)}
-            if "image_id" in meta:
-                out["image_id"] = int(meta["image_id"])
-            return out
-        mask = decode_mask(sample[".mask.png"], self.cfg.max_image_pixels, name=f"{name} mask")
-        if tuple(mask.shape) != tuple(image.shape[-2:]):
-            raise BadSampleError(f"{name}: mask is {tuple(mask.shape)} but the image {tuple(image.shape[-2:])}; "
-                                 f"the shard is damaged: pack the source again")
-        return {"mask": mask}
+        planes = {}
+        for member in sample:  # ".mask.png" -> "mask"
+            if member.endswith(".png") and not member.startswith(".img."):
+                plane = planes[member[1:-4]] = decode_mask(sample[member], self.cfg.max_image_pixels,
+                                                           name=f"{name} {member[1:]}")
+                if tuple(plane.shape) != tuple(image.shape[-2:]):
+                    raise BadSampleError(f"{name}: {member[1:]} is {tuple(plane.shape)} but the image "
+                                         f"{tuple(image.shape[-2:])}; the shard is damaged: pack the source again")
+        return image, tasks.get(self.task).from_record(meta, planes)
 
     def verify(self) -> list[str]:
         """Shards whose sha256 is not the manifest's (what `data check` reports before decoding)."""

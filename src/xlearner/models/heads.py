@@ -136,15 +136,24 @@ class _NoBackbone(nn.Module):
         self.out_channels = out_channels
 
 
-def pad_targets(targets: list[dict], device: torch.device) -> tuple[Tensor, Tensor]:
+def pad_targets(targets: list[dict], device: torch.device, min_boxes: int = 1) -> tuple[Tensor, Tensor]:
     """A list of per-image ``{"boxes" (n,4), "labels" (n,)}`` -> boxes (B, M, 4) float32 and
-    labels (B, M) int64 padded with -1 (M >= 1): one tensor per field for the whole batch."""
+    labels (B, M) int64 padded with -1, M = max(most boxes of an image, ``min_boxes``): one tensor
+    per field for the whole batch (a fixed ``min_boxes`` gives a compiled step one shape)."""
     boxes = [torch.as_tensor(t["boxes"]).to(device, torch.float32).reshape(-1, 4) for t in targets]
     labels = [torch.as_tensor(t["labels"]).to(device, torch.int64).reshape(-1) for t in targets]
-    if max((len(lb) for lb in labels), default=0) == 0:
-        return torch.zeros(len(targets), 1, 4, device=device), torch.full((len(targets), 1), -1, device=device)
-    return (nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.0),
-            nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1))
+    most = max((len(lb) for lb in labels), default=0)
+    if most == 0:
+        boxes_t = torch.zeros(len(targets), 1, 4, device=device)
+        labels_t = torch.full((len(targets), 1), -1, device=device)
+    else:
+        boxes_t = nn.utils.rnn.pad_sequence(boxes, batch_first=True, padding_value=0.0)
+        labels_t = nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1)
+    extra = min_boxes - boxes_t.shape[1]
+    if extra > 0:
+        boxes_t = F.pad(boxes_t, (0, 0, 0, extra), value=0.0)
+        labels_t = F.pad(labels_t, (0, extra), value=-1)
+    return boxes_t, labels_t
 
 
 def fcos_match(anchors: Tensor, num_anchors_per_level: list[int], boxes: Tensor, labels: Tensor,

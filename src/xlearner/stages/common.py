@@ -112,7 +112,7 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     task_of = {s.name: s.task for s in sources}
     loader = MultiSourceLoader(datasets, batch_sizes, transforms, task_of, seed=cfg.seed, rank=rank,
                                world_size=world_size, num_workers=cfg.train.num_workers,
-                               pin_memory=torch.cuda.is_available())
+                               pin_memory=torch.cuda.is_available(), det_pad_boxes=cfg.train.det_pad_boxes)
     val_loaders, val_datasets = {}, {}
     if with_val:
         for s in sources:
