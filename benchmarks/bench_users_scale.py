@@ -204,7 +204,7 @@ def shard_throughput(cfg, args, repeats: int = 2) -> int:
     """Images/s of each source's training loader (the template's transforms) from its files and from
     its packed shards, at 0, 1 and 2 workers; files and shards alternate so drift hits both alike."""
     from xlearner.bench import loader_rate
-    from xlearner.data.shards import MANIFEST
+    from xlearner.data.shards import MANIFEST, read_from_shards
     from xlearner.data.sources import pack_source
 
     rows = []
@@ -212,8 +212,7 @@ def shard_throughput(cfg, args, repeats: int = 2) -> int:
         packed_dir = args.data / f"{s.name}.shards"
         if not (packed_dir / MANIFEST).is_file():
             pack_source(s, packed_dir, shard_samples=16)
-        file_fields = ("annotations", "masks", *(f"{p}_{k}" for p in ("val", "test") for k in ("root", "annotations", "masks")))
-        packed = s.model_copy(update={"format": "shards", "root": packed_dir.resolve(), **dict.fromkeys(file_fields)})
+        packed = read_from_shards(s, packed_dir)
         for workers in (0, 1, 2):
             wcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})
             rate = {"files": [], "shards": []}

@@ -52,7 +52,7 @@ def _pack(args: argparse.Namespace) -> int:
     import yaml
 
     from xlearner.config import ConfigError, load_source_config
-    from xlearner.data.shards import MANIFEST
+    from xlearner.data.shards import MANIFEST, read_from_shards
     from xlearner.data.sources import pack_source
 
     if args.shard_samples < 1:
@@ -60,16 +60,8 @@ def _pack(args: argparse.Namespace) -> int:
     cfg = load_source_config(args.source_yaml)
     out = Path(args.out)
     manifest = pack_source(cfg, out, shard_samples=args.shard_samples)
-    # the same source, read from the shards: its training settings kept, its file fields gone
-    entry = cfg.model_dump(mode="json", exclude_none=True, exclude={
-        "dataset", "annotations", "masks", "val_fraction", "split_seed", "reduce_zero_label", "label_map",
-        "composer", "allow_outside_root", *(f"{s}_{k}" for s in ("val", "test") for k in ("root", "annotations", "masks"))})
-    entry.update(format="shards", root=str(out.resolve()))
-    from xlearner import tasks
-
-    if cfg.format == "embedded" and cfg.resize is None and tasks.get(cfg.task).dense:
-        entry["resize"] = "square"  # as the embedded source was trained (a packed folder is a user's data)
-    (out / "source.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
+    packed = read_from_shards(cfg, out).model_dump(mode="json", exclude_none=True)
+    (out / "source.yaml").write_text(yaml.safe_dump(packed, sort_keys=False))
     total = sum(s["samples"] for s in manifest["splits"].values())
     print(f"wrote {total} records of source '{cfg.name}' to {out} ({MANIFEST}); train from them with the "
           f"source {out / 'source.yaml'}")

@@ -150,6 +150,20 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def read_from_shards(cfg: SourceConfig, root: Path) -> SourceConfig:
+    """The same source read from its packed folder: its training settings kept, its file and
+    label-mapping fields gone (the shards hold them applied)."""
+    from xlearner import tasks
+
+    entry = cfg.model_dump(mode="json", exclude_none=True, exclude={
+        "dataset", "annotations", "masks", "val_fraction", "split_seed", "reduce_zero_label", "label_map",
+        "composer", "allow_outside_root", *(f"{s}_{k}" for s in ("val", "test") for k in ("root", "annotations", "masks"))})
+    entry.update(format="shards", root=str(Path(root).resolve()))
+    if cfg.format == "embedded" and cfg.resize is None and tasks.get(cfg.task).dense:
+        entry["resize"] = "square"  # as the embedded source was trained (a packed folder is a user's data)
+    return SourceConfig(**entry)
+
+
 # ---------------------------------------------------------------------------------------
 # reading
 
@@ -180,8 +194,7 @@ class _ShardRecords:
         return int(self.source.starts[-1])
 
     def __getitem__(self, i: int):
-        j, inner = self.source.locate(i)
-        return _Where(f"{self.source.shards[j]} sample {i:09d} (#{inner} of the shard)")
+        return _Where(self.source.where(i, *self.source.locate(i)))
 
 
 class _Where:
@@ -232,6 +245,9 @@ class ShardSource(RecordSource):
         self._open: OrderedDict = OrderedDict()
         self.bad.track(len(self.records))
 
+    def where(self, i: int, j: int, inner: int) -> str:
+        return f"{self.shards[j]} sample {i:09d} (#{inner} of the shard)"
+
     def locate(self, i: int) -> tuple[int, int]:
         j = int(np.searchsorted(self.starts, i, side="right")) - 1
         return j, i - int(self.starts[j])
@@ -260,7 +276,7 @@ class ShardSource(RecordSource):
     def load(self, i: int) -> tuple[torch.Tensor, dict]:
         """Decode sample ``i``; raise BadSampleError on any problem, whatever the policy."""
         j, inner = self.locate(i)
-        where = self.records[i].where
+        where = self.where(i, j, inner)
         samples = self._shard(j)
         try:
             sample = samples[inner]
