@@ -48,9 +48,25 @@ def test_coco_map_empty_is_zero():
     tg = _targets()
     empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
              for _ in tg]
-    assert coco_map(empty, tg, 3) == {"mAP": 0.0, "AP50": 0.0}
+    zero = {"mAP": 0.0, "AP50": 0.0, "AP40": 0.0, "recall40": 0.0}
+    assert coco_map(empty, tg, 3) == zero
     no_gt = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
-    assert coco_map(_preds(tg)[:1], no_gt, 3) == {"mAP": 0.0, "AP50": 0.0}
+    assert coco_map(_preds(tg)[:1], no_gt, 3) == zero
+
+
+def test_ap_and_recall_at_iou_04_count_a_match_that_iou_05_misses():
+    """Tree-crown benchmarks report box recall at IoU 0.4: a box at IoU 0.45 is a hit there, a miss at 0.5."""
+    gt = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 60.0, 60.0]]), "labels": torch.tensor([0, 0])}]
+    # first box exact; second shifted so that its IoU is 0.45 (overlap 20 x h, union 2 * 400 - overlap)
+    h = 2 * 400 * 0.45 / 1.45 / 20
+    pred = [{"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0 + 20.0 - h, 60.0, 60.0 + 20.0 - h]]),
+             "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 0])}]
+    r = coco_map(pred, gt, 1)
+    assert r["AP50"] == pytest.approx(0.5, abs=0.02)   # one of two found at 0.5
+    assert r["AP40"] == pytest.approx(1.0) and r["recall40"] == pytest.approx(1.0)
+    miss = coco_map([{**pred[0], "boxes": pred[0]["boxes"][:1], "scores": pred[0]["scores"][:1],
+                      "labels": pred[0]["labels"][:1]}], gt, 1)
+    assert miss["recall40"] == pytest.approx(0.5)
 
 
 def test_coco_map_agrees_with_pycocotools_files(tmp_path):

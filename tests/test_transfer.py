@@ -563,6 +563,46 @@ def test_task_steps_override_steps_for_their_task_only():
         load_config("quick", ["transfer.task_steps={dett: 7}"])
 
 
+def test_epochs_count_steps_over_the_train_images():
+    from xlearner.config import TransferConfig
+    from xlearner.transfer.train import train_config
+
+    tc = TransferConfig(steps=100, task_steps={"det": 300}, epochs=12, batch_size=16)
+    assert tc.steps_of("det", 136) == 102   # ceil(12 * 136 / 16): mmdet's 1x on 136 tiles
+    assert tc.steps_of("seg", 165) == 124 and tc.steps_of("cls", 5) == 12  # batch capped at the set's size
+    assert train_config(tc, "det", show_progress=False, num_train=136).steps == 102
+    with pytest.raises(ValueError, match="number of training images"):
+        tc.steps_of("det")
+
+
+def test_by_dataset_settings_are_checked_and_apply_to_their_dataset_only():
+    from xlearner.config import ConfigError, load_config
+
+    cfg = load_config("quick", ["transfer.by_dataset={nuclei: {seg_mode: finetune, image_size: 96, epochs: 3}}"])
+    own, rest = cfg.transfer.for_dataset("nuclei"), cfg.transfer.for_dataset("sklearn_digits")
+    assert (own.seg_mode, own.image_size, own.epochs) == ("finetune", 96, 3)
+    assert rest is cfg.transfer and (rest.seg_mode, rest.image_size, rest.epochs) == ("frozen", 32, None)
+    with pytest.raises(ConfigError, match=r"by_dataset\.nuclei.*seg_mod"):
+        load_config("quick", ["transfer.by_dataset={nuclei: {seg_mod: finetune}}"])
+    with pytest.raises(ConfigError, match=r"by_dataset\.nuclei.*whole run"):
+        load_config("quick", ["transfer.by_dataset={nuclei: {seeds: 5}}"])
+
+
+def test_transfer_one_runs_a_dataset_with_its_by_dataset_protocol(tiny, monkeypatch):
+    """tiny_seg fine-tuned at 48 px for 2 epochs (ceil(2 * 10 / 4) = 5 steps); tiny_cls keeps the run's probe."""
+    import xlearner.transfer.train as train_mod
+    from xlearner.transfer.suite import transfer_one
+
+    ran = []
+    real_fit = train_mod.fit
+    monkeypatch.setattr(train_mod, "fit", lambda net, batches, tc, *a, **k: ran.append(tc.steps) or real_fit(net, batches, tc, *a, **k))
+    cfg = _with(tiny.cfg, by_dataset={"tiny_seg": {"seg_mode": "finetune", "image_size": 48, "epochs": 2}})
+    seg = transfer_one(tiny.backbone, str(tiny.seg), cfg, seeds=1, show_progress=False)
+    assert (seg["mode"], seg["image_size"], seg["steps"]) == ("finetune", 48, 5) and ran == [5]
+    cls = transfer_one(tiny.backbone, str(tiny.cls), cfg, seeds=1, show_progress=False)
+    assert (cls["mode"], cls["image_size"]) == ("linear", 32) and ran == [5]
+
+
 @pytest.mark.parametrize("which,mode,steps", [("det", "frozen", 12), ("seg", "frozen", 6),
                                               ("cls", "finetune", 20), ("det", "finetune", 10)])
 def test_transfer_on_the_engine_matches_the_old_loop(tiny, monkeypatch, which, mode, steps):

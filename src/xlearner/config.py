@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -382,10 +383,46 @@ class TransferConfig(_Strict):
     """Weight of class 0 (background) in the transfer segmentation cross-entropy."""
     probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
     """Inverse L2 strengths tried for the linear probe, picked on the val split."""
+    epochs: float | None = Field(None, gt=0)
+    """A schedule in epochs over the train subset for the trained modes, as detection users count
+    it (mmdet's ``1x`` is 12): ``ceil(epochs * images / batch_size)`` steps, in place of ``steps``
+    and ``task_steps``. None: those."""
+    by_dataset: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per downstream dataset (its source name), the transfer settings that differ from the rest,
+    e.g. ``{tree_crowns: {det_mode: finetune, image_size: 200, epochs: 24}}``: real photos fine-tuned
+    at their own resolution while the composed scenes keep the run's protocol (docs/ranking.md)."""
 
-    def steps_of(self, task: str) -> int:
-        """The optimizer steps of a trained transfer to a ``task`` dataset."""
+    @model_validator(mode="after")
+    def _check_by_dataset(self) -> "TransferConfig":
+        for name, entry in self.by_dataset.items():
+            fixed = sorted(set(entry) & _RUN_WIDE_TRANSFER)
+            if fixed:
+                raise ValueError(f"transfer.by_dataset.{name}: {fixed} hold for the whole run (every dataset "
+                                 f"pairs the same seeds and split); set them in transfer itself")
+            self.for_dataset(name)  # unknown or invalid keys are refused here, naming the dataset
+        return self
+
+    def for_dataset(self, name: str) -> "TransferConfig":
+        """The settings a transfer to dataset ``name`` runs with (``by_dataset`` applied)."""
+        entry = self.by_dataset.get(name)
+        if not entry:
+            return self
+        try:
+            return TransferConfig.model_validate({**self.model_dump(exclude={"by_dataset"}), **entry})
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"transfer.by_dataset.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in exc.errors())) from None
+
+    def steps_of(self, task: str, num_train: int | None = None) -> int:
+        """The optimizer steps of a trained transfer to a ``task`` dataset of ``num_train`` images."""
+        if self.epochs is not None:
+            if num_train is None:
+                raise ValueError("transfer.epochs: the number of training images is needed to count steps")
+            return max(1, math.ceil(self.epochs * num_train / max(1, min(self.batch_size, num_train))))
         return self.task_steps.get(task, self.steps)
+
+
+_RUN_WIDE_TRANSFER = {"datasets", "seeds", "eval_split", "by_dataset"}
 
 
 class GatesConfig(_Strict):

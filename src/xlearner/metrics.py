@@ -87,7 +87,7 @@ def to_coco(predictions: Sequence[dict], targets: Sequence[dict], num_classes: i
 
 
 def coco_map(predictions: Sequence[dict], targets: Sequence[dict], num_classes: int) -> dict[str, float]:
-    """COCO box mAP@[.5:.95] and AP50 (pycocotools conventions, maxDets 100).
+    """COCO box mAP@[.5:.95], AP50, and AP and recall at IoU 0.4 (pycocotools conventions, maxDets 100).
 
     Returns 0.0 (never -1) when there is no ground truth or no detection at all.
     """
@@ -96,7 +96,7 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict], num_classes: 
 
     gt, results = to_coco(predictions, targets, num_classes)
     if not gt["annotations"] or not results:
-        return {"mAP": 0.0, "AP50": 0.0}
+        return {"mAP": 0.0, "AP50": 0.0, "AP40": 0.0, "recall40": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -107,7 +107,26 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict], num_classes: 
         ev.accumulate()
         ev.summarize()
     stats = [float(v) for v in ev.stats]
-    return {"mAP": max(stats[0], 0.0), "AP50": max(stats[1], 0.0)}
+    return {"mAP": max(stats[0], 0.0), "AP50": max(stats[1], 0.0), **_at_iou(coco_gt, coco_dt, 0.4)}
+
+
+def _at_iou(coco_gt, coco_dt, iou: float, img_ids: list[int] | None = None) -> dict[str, float]:
+    """AP and recall (all areas, maxDets 100) at one IoU threshold, e.g. 0.4: the threshold tree-crown
+    benchmarks (DeepForest's NEON) report box recall at. A second COCOeval, so that mAP's ten
+    thresholds stay pycocotools' own."""
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    ev.params.iouThrs = np.array([iou])
+    if img_ids is not None:
+        ev.params.imgIds = img_ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+    prec, rec = ev.eval["precision"][0, :, :, 0, -1], ev.eval["recall"][0, :, 0, -1]
+    tag = f"{round(100 * iou)}"
+    return {f"AP{tag}": float(prec[prec > -1].mean()) if (prec > -1).any() else 0.0,
+            f"recall{tag}": float(rec[rec > -1].mean()) if (rec > -1).any() else 0.0}
 
 
 COCO_STATS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
@@ -139,13 +158,13 @@ def load_coco(path: str | Path):
 
 def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int]) -> dict[str, float | None]:
     """pycocotools bbox evaluation of ``results`` on ``img_ids`` of ``coco_gt``: AP, AP50, AP75, APs,
-    APm, APl (maxDets 100). AP/AP50/AP75 are 0.0 without detections; APs/APm/APl are None when
+    APm, APl (maxDets 100), and AP40/recall40 (``_at_iou``). AP/AP50/AP75 are 0.0 without detections; APs/APm/APl are None when
     no ground truth of that size is among the images (pycocotools says -1)."""
     from pycocotools.cocoeval import COCOeval
 
     img_ids = sorted({int(i) for i in img_ids})
     if not results or not img_ids:
-        return {k: 0.0 for k in COCO_STATS}
+        return {**{k: 0.0 for k in COCO_STATS}, "AP40": 0.0, "recall40": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -157,7 +176,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int]) -> dict[str,
     for k, v in zip(COCO_STATS, ev.stats[:6]):
         v = float(v)
         out[k] = max(v, 0.0) if k in ("mAP", "AP50", "AP75") else (v if v >= 0 else None)
-    return out
+    return {**out, **_at_iou(coco_gt, coco_dt, 0.4, img_ids)}
 
 
 def _cpu(d: dict) -> dict:

@@ -272,7 +272,6 @@ def _export_and_transfer_parts(plan: _Plan) -> None:
     transfer_sections = _sections(cfg, "transfer", "seed", "fpn_channels", "augment")
     if cfg.transfer.eval_split == "val":  # results of the leaky val probe (before 3fd98d2) are not reused
         transfer_sections["val_probe"] = "C on a held-out fifth of train"
-    transfer_weight = 0.05 * cfg.transfer.seeds * max(1, max([cfg.transfer.steps, *cfg.transfer.task_steps.values()]) / 10)
     for method, (dirname, stage_key, branch) in plan.backbone_of.items():
         bb_path = out / "backbones" / f"{method}.safetensors"
         bb_key = _key("export", stage_key, branch)
@@ -280,10 +279,33 @@ def _export_and_transfer_parts(plan: _Plan) -> None:
                                source=out / dirname if dirname else None, branch=branch,
                                deps=[dirname] if dirname else []))
         for dataset in cfg.transfer.datasets:
+            sections = {**transfer_sections, "transfer": _transfer_section(cfg, dataset)}
             plan.parts.append(Part(f"transfer {method} -> {dataset}", "transfer",
-                                   _key("transfer", bb_key, dataset, transfer_sections), transfer_weight,
+                                   _key("transfer", bb_key, dataset, sections), _transfer_weight(cfg, dataset),
                                    out / "transfer" / method / f"{dataset}.json", source=bb_path, dataset=dataset,
                                    deps=[f"export {method}"]))
+
+
+def _transfer_section(cfg: RunConfig, dataset: str) -> dict:
+    """The transfer settings of ``dataset`` (``transfer.by_dataset`` applied) as its parts' key sees
+    them: another dataset's entry re-keys nothing here, and without ``epochs`` the key is the one
+    runs had before that field existed."""
+    tc = cfg.transfer.for_dataset(dataset)
+    d = _sections(cfg.model_copy(update={"transfer": tc}), "transfer")["transfer"]
+    d.pop("by_dataset", None)
+    if d.get("epochs") is None:
+        d.pop("epochs", None)
+    return d
+
+
+def _transfer_weight(cfg: RunConfig, dataset: str) -> float:
+    """A transfer part's share of the progress bar: its seeds times its steps (pixels counted)."""
+    tc = cfg.transfer.for_dataset(dataset)
+    if tc.epochs is not None:
+        steps = tc.epochs * (tc.max_train_samples or 1000) / tc.batch_size
+    else:
+        steps = max([tc.steps, *tc.task_steps.values()])
+    return 0.05 * tc.seeds * max(1.0, steps / 10) * max(1.0, (tc.image_size / 64) ** 2)
 
 
 def in_dependency_order(parts: list[Part]) -> list[Part]:

@@ -169,8 +169,9 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
                  show_progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Transfer one backbone to one downstream dataset over several seeds (see module docstring)."""
     t0 = time.time()
-    tc = cfg.transfer
     src = resolve_source(source)
+    tc = cfg.transfer.for_dataset(src.name)  # transfer.by_dataset: this dataset's own protocol
+    cfg = cfg.model_copy(update={"transfer": tc})
     task = tasks.get(src.task)
     mode = _transfer_mode(task, tc, mode)
     seed_list = _seed_list(cfg, seeds)
@@ -196,7 +197,7 @@ def transfer_one(backbone_path: str | Path | nn.Module, source: str | Path | Sou
         "seeds": seed_list, "scores": scores, "mean": mean(scores), "std": sample_std(scores), "extra": extra,
         "backbone": str(backbone_path) if not isinstance(backbone_path, nn.Module) else "<module>",
         "backbone_params": n_params, "num_train": len(data.train), "num_test": len(data.test),
-        "image_size": tc.image_size, "steps": tc.steps_of(task.name) if mode != "linear" else None,
+        "image_size": tc.image_size, "steps": tc.steps_of(task.name, len(data.train)) if mode != "linear" else None,
         "eval_split": data.scored, "wall_s": round(time.time() - t0, 2),
     }
     if data.scored != tc.eval_split:

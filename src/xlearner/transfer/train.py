@@ -4,7 +4,7 @@ engine's ``fit``, scored by the task's evaluator.
 ``frozen``: the backbone is frozen (eval mode, no gradient); its feature maps are computed once
 per training image (eval transform: resize only, no augmentation) and the neck + head are
 trained on them. ``finetune``: backbone (lr x ``backbone_lr_factor``) + neck + head trained end
-to end with the run's augmentation of the task. Both: AdamW, warmup + cosine, ``steps`` steps,
+to end with the run's augmentation of the task. Both: AdamW, warmup + cosine, ``steps`` steps (or ``epochs``),
 gradient clipping (``TransferConfig``); nothing is chosen on test. The neck and head are built
 (``Task.build_neck`` / ``build_head``) right after ``torch.manual_seed(seed)`` and ``fit`` does not
 reseed: the seed picks the head initialisation and the data order, nothing else.
@@ -62,9 +62,10 @@ class TransferNet(nn.Module):
         return self.task.predict(self.head, self.neck(self.features(batch)), batch["images"])[:n]
 
 
-def train_config(tc: TransferConfig, task: str, show_progress: bool = True) -> TrainConfig:
-    """The engine's settings for a transfer run of ``task`` (fp32 on every device, as transfer always ran)."""
-    steps = tc.steps_of(task)
+def train_config(tc: TransferConfig, task: str, show_progress: bool = True, num_train: int | None = None) -> TrainConfig:
+    """The engine's settings for a transfer run of ``task`` on ``num_train`` images (fp32 on every
+    device, as transfer always ran)."""
+    steps = tc.steps_of(task, num_train)
     return TrainConfig(steps=steps, optimizer="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
                        warmup_steps=min(tc.warmup_steps, steps // 10), min_lr_ratio=tc.min_lr_ratio,
                        clip_grad=tc.clip_grad, amp="fp32", channels_last=False, compile=False, num_workers=0,
@@ -73,10 +74,10 @@ def train_config(tc: TransferConfig, task: str, show_progress: bool = True) -> T
 
 
 def fit_transfer(net: TransferNet, batches: Iterator[dict], tc: TransferConfig, device: torch.device,
-                 show_progress: bool = True) -> float | None:
-    """Train ``net`` on ``batches`` with the engine (no run folder, this process alone, the RNGs as
-    the caller seeded them); returns the last step's loss."""
-    res = fit(net, batches, train_config(tc, net.task.name, show_progress), None, seed=None, device=device,
+                 show_progress: bool = True, num_train: int | None = None) -> float | None:
+    """Train ``net`` on ``batches`` of a ``num_train``-image set with the engine (no run folder, this
+    process alone, the RNGs as the caller seeded them); returns the last step's loss."""
+    res = fit(net, batches, train_config(tc, net.task.name, show_progress, num_train), None, seed=None, device=device,
               lr_scales={"backbone": tc.backbone_lr_factor}, decay_1d=tc.decay_norms_and_biases,
               distributed=False)
     return res.last_losses.get("loss")
@@ -122,7 +123,8 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
             cache["train"] = precompute_maps(backbone, train_ds, desc=f"{task.name} features (train)",
                                              key=keys[0], **maps_of)
         net = TransferNet(task, None, neck, head)
-        final_loss = fit_transfer(net, _cached_batches(cache["train"], bs, seed), tc, dev, show_progress)
+        final_loss = fit_transfer(net, _cached_batches(cache["train"], bs, seed), tc, dev, show_progress,
+                                  len(train_ds))
     else:
         from xlearner.data.loader import MultiSourceLoader
         from xlearner.data.transforms import build_transform
@@ -134,7 +136,7 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
                                    {"ds": build_transform(task.name, size, train=True, augment=augment, resize=resize)},
                                    {"ds": task.name}, seed=seed)
         try:
-            final_loss = fit_transfer(net, _loader_batches(loader), tc, dev, show_progress)
+            final_loss = fit_transfer(net, _loader_batches(loader), tc, dev, show_progress, len(train_ds))
         finally:
             loader.close()
 
