@@ -198,7 +198,8 @@ def test_expansion_trains_and_writes_outputs(expansion_run):
     # and each source again with precise BN (BatchNorm statistics re-estimated on its train images)
     names = {"colors", "shapes", "regions"}
     assert set(info["metrics"]) == names | {f"{n}/precise_bn" for n in names} | {
-        "shapes/AP50", "shapes/AP75", "shapes/APs", "shapes/APm", "shapes/APl", "regions/per_class_iou"}
+        "shapes/AP50", "shapes/AP75", "shapes/APs", "shapes/APm", "shapes/APl", "shapes/AP40", "shapes/recall40",
+        "regions/per_class_iou"}
     assert all(0.0 <= info["metrics"][k] <= 1.0 for k in names | {f"{n}/precise_bn" for n in names})
     # the bad record of the det source is counted and printed before training
     assert "source shapes: 1 bad records skipped (on_bad_sample: skip)" in printed
