@@ -6,13 +6,20 @@ frozen and fine-tuned, at several schedules in epochs over the train tiles: the 
 training length of both backbones (does it converge, does the gap hold?). One JSON per point in
 ``OUT/points/``: the command resumes where it stopped and adds seeds or schedules.
 
-    python benchmarks/real_transfer.py --out runs/real --split val                  # the curves, seed 0
-    python benchmarks/real_transfer.py --out runs/real --split test --seeds 0,1,2 \\
-        --epochs 24 --modes finetune                                             # the table, once
+    python benchmarks/real_transfer.py --out runs/real --split val transfer.det_head_convs=4   # the curves, seed 0
+    python benchmarks/real_transfer.py --out runs/real_jitter --split val --datasets tree_crowns \\
+        --modes finetune --epochs 24,48 transfer.det_head_convs=4 "$JITTER"       # with scale jitter
+    python benchmarks/real_transfer.py --out runs/real_test --split test --seeds 0,1,2 --datasets tree_crowns \\
+        --epochs 24 --modes finetune transfer.det_head_convs=4 "$JITTER"          # the table, once
+    python benchmarks/real_transfer.py --out runs/real_test --split test --seeds 0,1,2 --datasets nuclei \\
+        --epochs 24 --modes frozen
     python benchmarks/real_transfer.py --out runs/real --summary-only
 
-Choices (mode, schedule, size) are read off ``--split val``; ``--split test`` is for the chosen
-protocol only. Every point runs ``xlearner.transfer.suite.transfer_one`` under the ``pretrained``
+with ``JITTER='transfer.augment={random_resized_crop: [0.5, 1.0], hflip: true}'``: the last two are
+the protocols of ``transfer.by_dataset`` in ``default`` and ``pretrained``. A point's file name does
+not record the overrides: give each setting its own ``--out``. The preset's ``by_dataset`` is cleared
+so that a point runs at its own size and schedule. Choices (mode, schedule, size) are read off
+``--split val``; ``--split test`` is for the chosen protocol only. Every point runs ``xlearner.transfer.suite.transfer_one`` under the ``pretrained``
 preset with ``transfer.*`` overrides, so the library's own protocol is what is measured. Writes
 ``OUT/real_transfer.md`` (tables, ImageNet minus random paired by seed with its s.e.) and
 ``OUT/real_transfer.png`` (score against optimizer steps).
@@ -40,7 +47,8 @@ def run_point(args, ds: str, bb: str, mode: str, size: int, epochs: float, seed:
     from xlearner.models.backbone import Backbone
     from xlearner.transfer.suite import transfer_one
 
-    cfg = load_config(args.config, [f"transfer.image_size={size}", f"transfer.epochs={epochs}",
+    # the preset's by_dataset protocol would override the point's own size and schedule
+    cfg = load_config(args.config, ["transfer.by_dataset={}", f"transfer.image_size={size}", f"transfer.epochs={epochs}",
                                     f"transfer.eval_split={args.split}", *args.overrides])
     weights = "imagenet" if bb == "imagenet" else None
     torch.manual_seed(0)  # the random backbone is one fixed draw; seeds vary the head and data order
@@ -122,6 +130,9 @@ def plot(out: Path) -> None:
                     ax.plot(xs, [sum(by_steps[x]) / len(by_steps[x]) for x in xs], style, color=color,
                             marker="o", label=f"{bb} {mode}")
         ax.set_xscale("log")
+        ticks = sorted({p["steps"] for p in pts if p["dataset"] == ds})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("optimizer steps (one schedule per point)")
         ax.set_ylabel(METRICS[ds][0] + " (val)")
         ax.set_title(f"{ds} at {size} px")

@@ -603,6 +603,29 @@ def test_transfer_one_runs_a_dataset_with_its_by_dataset_protocol(tiny, monkeypa
     assert (cls["mode"], cls["image_size"]) == ("linear", 32) and ran == [5]
 
 
+def test_by_dataset_augment_replaces_the_runs_for_that_dataset_only(tiny, monkeypatch):
+    """transfer.augment (real photos' scale jitter) trains that dataset's finetune; the others keep the
+    run's augment of the task, and their parts' keys stay as before the field existed."""
+    import xlearner.data.transforms as transforms_mod
+    from xlearner.config import AugmentConfig
+    from xlearner.pipeline import _transfer_section
+    from xlearner.transfer.suite import transfer_one
+
+    seen = []
+    real = transforms_mod.build_transform
+    monkeypatch.setattr(transforms_mod, "build_transform",
+                        lambda task, size, train, augment=None, **k: seen.append((train, augment)) or real(task, size, train, augment, **k))
+    jitter = {"random_resized_crop": [0.5, 1.0], "hflip": False}
+    cfg = _with(tiny.cfg, by_dataset={"tiny_seg": {"seg_mode": "finetune", "epochs": 1, "augment": jitter}})
+    transfer_one(tiny.backbone, str(tiny.seg), cfg, seeds=1, show_progress=False)
+    assert [a for train, a in seen if train] == [AugmentConfig(random_resized_crop=(0.5, 1.0), hflip=False)]
+    seen.clear()
+    transfer_one(tiny.backbone, str(tiny.seg), _with(tiny.cfg, seg_mode="finetune", epochs=1), seeds=1, show_progress=False)
+    assert [a for train, a in seen if train] == [tiny.cfg.augment.of("seg")] != [AugmentConfig(**jitter)]
+    assert _transfer_section(cfg, "tiny_seg")["augment"] == {"random_resized_crop": [0.5, 1.0], "hflip": False}
+    assert "augment" not in _transfer_section(cfg, "tiny_cls")
+
+
 @pytest.mark.parametrize("which,mode,steps", [("det", "frozen", 12), ("seg", "frozen", 6),
                                               ("cls", "finetune", 20), ("det", "finetune", 10)])
 def test_transfer_on_the_engine_matches_the_old_loop(tiny, monkeypatch, which, mode, steps):

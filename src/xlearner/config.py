@@ -387,6 +387,9 @@ class TransferConfig(_Strict):
     """A schedule in epochs over the train subset for the trained modes, as detection users count
     it (mmdet's ``1x`` is 12): ``ceil(epochs * images / batch_size)`` steps, in place of ``steps``
     and ``task_steps``. None: those."""
+    augment: AugmentConfig | None = None
+    """``finetune``: the training augmentation (None: the run's ``augment`` of the task), so one
+    dataset's protocol can carry its own, e.g. scale jitter for real photos (docs/ranking.md)."""
     by_dataset: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per downstream dataset (its source name), the transfer settings that differ from the rest,
     e.g. ``{tree_crowns: {det_mode: finetune, image_size: 200, epochs: 24}}``: real photos fine-tuned

@@ -288,13 +288,14 @@ def _export_and_transfer_parts(plan: _Plan) -> None:
 
 def _transfer_section(cfg: RunConfig, dataset: str) -> dict:
     """The transfer settings of ``dataset`` (``transfer.by_dataset`` applied) as its parts' key sees
-    them: another dataset's entry re-keys nothing here, and without ``epochs`` the key is the one
-    runs had before that field existed."""
+    them: another dataset's entry re-keys nothing here, and without ``epochs`` and ``augment`` the key
+    is the one runs had before those fields existed."""
     tc = cfg.transfer.for_dataset(dataset)
     d = _sections(cfg.model_copy(update={"transfer": tc}), "transfer")["transfer"]
     d.pop("by_dataset", None)
-    if d.get("epochs") is None:
-        d.pop("epochs", None)
+    for late in ("epochs", "augment"):
+        if d.get(late) is None:
+            d.pop(late, None)
     return d
 
 

@@ -243,7 +243,7 @@ def _trained_seeds(task, backbone: nn.Module, src: SourceConfig, data: _Data, cf
         if pristine is not None:
             backbone.load_state_dict(pristine)
         r = transfer_trained(task, backbone, data.train, data.test, data.num_classes, tc, mode=mode, seed=s,
-                             fpn_channels=cfg.fpn_channels, size=tc.image_size, augment=cfg.augment.of(task.name),
+                             fpn_channels=cfg.fpn_channels, size=tc.image_size, augment=tc.augment or cfg.augment.of(task.name),
                              cache=cache, show_progress=show_progress, resize=src.resize_mode,
                              original=src.scored_as_published, keys=(data.keys["train"], data.keys[data.scored]))
         scores.append(r[task.metric])

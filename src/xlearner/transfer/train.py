@@ -4,10 +4,11 @@ engine's ``fit``, scored by the task's evaluator.
 ``frozen``: the backbone is frozen (eval mode, no gradient); its feature maps are computed once
 per training image (eval transform: resize only, no augmentation) and the neck + head are
 trained on them. ``finetune``: backbone (lr x ``backbone_lr_factor``) + neck + head trained end
-to end with the run's augmentation of the task. Both: AdamW, warmup + cosine, ``steps`` steps (or ``epochs``),
-gradient clipping (``TransferConfig``); nothing is chosen on test. The neck and head are built
-(``Task.build_neck`` / ``build_head``) right after ``torch.manual_seed(seed)`` and ``fit`` does not
-reseed: the seed picks the head initialisation and the data order, nothing else.
+to end with the run's augmentation of the task (or ``transfer.augment``). Both: AdamW, warmup +
+cosine, ``steps`` steps (or ``epochs``), gradient clipping (``TransferConfig``); nothing is chosen
+on test. The neck and head are built (``Task.build_neck`` / ``build_head``) right after
+``torch.manual_seed(seed)`` and ``fit`` does not reseed: the seed picks the head initialisation and
+the data order, nothing else.
 
 Test: ``Task.evaluator`` over the test split (``Task.predict``); with ``original`` (data a user
 brings) batches carry ``meta`` and are scored at each image's original size. Results: the
