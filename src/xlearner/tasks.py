@@ -303,23 +303,34 @@ class DetTask(Task):
 
 
 # ----------------------------------------------------------------------------- seg
-def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None) -> Tensor:
+def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None,
+             weight_table: Tensor | None = None) -> Tensor:
     """Cross-entropy over the pixels not ignored, weighted by ``class_weight`` (K,) and divided by the
     weights' sum (as ``F.cross_entropy``'s mean); 0 (graph kept) when all are ignored. Sum / weight on
-    the device: no host synchronisation to test for the all-ignored case."""
+    the device: no host synchronisation to test for the all-ignored case. ``weight_table``: the
+    :func:`pixel_weight_table` of ``class_weight``, where the caller keeps one (a seg head does)."""
     if logits.shape[-2:] != masks.shape[-2:]:
         from xlearner.models.heads import resize_bilinear
 
         logits = resize_bilinear(logits, size=masks.shape[-2:])
     total = F.cross_entropy(logits, masks, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = masks != IGNORE_INDEX
     if class_weight is None:
-        return total / valid.sum().clamp(min=1)
-    pixel_weight = class_weight.to(logits.dtype)[masks.masked_fill(~valid, 0)] * valid
-    return total / pixel_weight.sum().clamp(min=1e-12)
+        return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+    table = pixel_weight_table(class_weight) if weight_table is None else weight_table
+    return total / table[masks].sum().clamp(min=1e-12)
 
 
-def point_seg_loss(logits: Tensor, masks: Tensor, points: int, class_weight: Tensor | None = None) -> Tensor:
+def pixel_weight_table(class_weight: Tensor) -> Tensor:
+    """Each label's CE weight, ``IGNORE_INDEX`` weighing 0: one lookup gives every pixel's weight
+    (one operator per step instead of the five of masking the ignored pixels out)."""
+    table = class_weight.new_zeros(max(len(class_weight), IGNORE_INDEX + 1))
+    table[: len(class_weight)] = class_weight
+    table[IGNORE_INDEX] = 0
+    return table
+
+
+def point_seg_loss(logits: Tensor, masks: Tensor, points: int, class_weight: Tensor | None = None,
+                   weight_table: Tensor | None = None) -> Tensor:
     """:func:`seg_loss` on ``points`` pixels per image, drawn uniformly without replacement from torch's
     RNG (Mask2Former's point loss, Cheng et al. 2022, with uniform sampling).
 
@@ -328,30 +339,52 @@ def point_seg_loss(logits: Tensor, masks: Tensor, points: int, class_weight: Ten
     the others. Per-pixel CE at the input size costs about as much as a light seg head on a CPU."""
     b, (h, w) = masks.shape[0], masks.shape[-2:]
     if points >= h * w:
-        return seg_loss(logits, masks, class_weight)
+        return seg_loss(logits, masks, class_weight, weight_table)
     pixels = torch.rand(b, h * w, device=masks.device).topk(points, dim=1).indices
-    return seg_loss_at(logits, masks, pixels, class_weight)
+    return seg_loss_at(logits, masks, pixels, class_weight, weight_table)
 
 
-def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Tensor | None = None) -> Tensor:
+_PIXEL_CENTRES: dict = {}
+
+
+def pixel_centres(h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(h*w, 2): the ``grid_sample`` coordinates (x, y) of each pixel centre of an (h, w) mask, by
+    flat index. Cached per shape in eager mode (one gather per step instead of thirteen operators);
+    computed in the graph under torch.compile, as the det anchors are."""
+    def compute() -> Tensor:
+        flat = torch.arange(h * w, device=device)
+        ys, xs = (flat // w).to(dtype), (flat % w).to(dtype)
+        # grid_sample's align_corners=False maps [-1, 1] to the maps' outer edges, as F.interpolate
+        # does to the mask's: a pixel centre (x + 0.5) / w is where bilinear upsampling samples for
+        # that pixel, and border padding is its clamping at the edges
+        return torch.stack(((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1), dim=-1)
+
+    if torch.compiler.is_compiling():
+        return compute()
+    key = (h, w, dtype, device)
+    if key not in _PIXEL_CENTRES:
+        if len(_PIXEL_CENTRES) > 16:
+            _PIXEL_CENTRES.clear()
+        _PIXEL_CENTRES[key] = compute()
+    return _PIXEL_CENTRES[key]
+
+
+def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Tensor | None = None,
+                weight_table: Tensor | None = None) -> Tensor:
     """:func:`seg_loss` over the pixels ``pixels`` (B,P) (flat indices into the (H,W) masks) only."""
     h, w = masks.shape[-2:]
-    ys, xs = (pixels // w).to(logits.dtype), (pixels % w).to(logits.dtype)
-    # grid_sample's align_corners=False maps [-1, 1] to the maps' outer edges, as F.interpolate does
-    # to the mask's: a pixel centre (x + 0.5) / w is where bilinear upsampling samples for that pixel,
-    # and border padding is its clamping at the edges
-    grid = torch.stack(((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1), dim=-1).unsqueeze(1)
+    grid = pixel_centres(h, w, logits.dtype, logits.device)[pixels].unsqueeze(1)  # (B, 1, P, 2)
     sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight)
+    return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight, weight_table)
 
 
 def head_seg_loss(head, logits: Tensor, masks: Tensor) -> Tensor:
     """The loss a seg head trains with, from its logits at its own stride: :func:`point_seg_loss`
     where the head has ``loss_points``, else :func:`seg_loss` (which upsamples them to the masks)."""
-    points = getattr(head, "loss_points", 0)
+    points, table = getattr(head, "loss_points", 0), getattr(head, "weight_table", None)
     if points:
-        return point_seg_loss(logits, masks, points, head.class_weight)
-    return seg_loss(logits, masks, head.class_weight)
+        return point_seg_loss(logits, masks, points, head.class_weight, table)
+    return seg_loss(logits, masks, head.class_weight, table)
 
 
 def background_weights(num_classes: int, background_weight: float) -> Tensor | None:
@@ -388,6 +421,8 @@ class SegTask(Task):
         else:
             head = SegHead(opts.fpn_channels, num_classes, list(strides), class_weight=weight)
         head.loss_points = opts.seg_loss_points
+        if weight is not None:  # follows the head to its device; not in checkpoints
+            head.register_buffer("weight_table", pixel_weight_table(weight), persistent=False)
         return head
 
     def loss(self, head, neck_out, batch):
