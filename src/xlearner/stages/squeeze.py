@@ -54,13 +54,14 @@ def use_batch_statistics(net: nn.Module) -> None:
 
     Every branch of the expanded model saw batches of several sources (digits, clothes,
     scenes), so its running statistics are a blend that fits no single source; in eval mode
-    the teacher's features would then be degraded targets. Train-mode BatchNorm with
-    momentum 0 normalises with the batch statistics and never changes the stored ones.
+    the teacher's features would then be degraded targets. Train-mode BatchNorm that does not
+    track statistics normalises with the batch's and neither reads nor changes the stored ones
+    (nor counts batches: one operator less per BatchNorm and call than momentum 0 gave).
     """
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
-            m.momentum = 0.0
+            m.track_running_stats = False
 
 
 def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
@@ -128,15 +129,18 @@ def cka_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - linear CKA (Kornblith et al. 2019) between the maps, every pixel of the batch a sample.
 
     With X (n, c) and Y (n, d) column-centred, CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F):
-    invariant to rotations and isotropic scaling of either side; in [0, 1]."""
+    invariant to rotations and isotropic scaling of either side; in [0, 1]. In float32 whatever the
+    autocast: the Gram matrices sum over every pixel of the batch, and autocast would cast the
+    float32 inputs back to bf16 for each product (six more operators per call)."""
     student = _at_size_of(student, teacher)
-    x = student.float().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
-    y = teacher.float().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
-    cross = (y.T @ x).pow(2).sum()
-    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return 1 - cross / norm.clamp_min(1e-12)
+    with torch.autocast(student.device.type, enabled=False):
+        x = student.float().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+        y = teacher.float().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+        x = x - x.mean(0, keepdim=True)
+        y = y - y.mean(0, keepdim=True)
+        cross = (y.T @ x).pow(2).sum()
+        norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+        return 1 - cross / norm.clamp_min(1e-12)
 
 
 DISTILL_LOSSES = {"l2": feature_distill_loss, "cosine": cosine_distill_loss, "cka": cka_distill_loss}
