@@ -216,6 +216,29 @@ def test_teacher_normalised_with_per_source_statistics():
     assert torch.equal(bns[0].running_mean, stats["regions"][0][0])  # the last source of the batch
 
 
+def test_teacher_batch_statistics_equal_momentum_zero_and_leave_stored_ones():
+    """Untracked train-mode BatchNorm (one operator less per call) normalises as momentum 0 did."""
+    import copy
+
+    from xlearner.stages.squeeze import batchnorms, use_batch_statistics
+
+    teacher = expanded(tiny_cfg())
+    torch.manual_seed(0)
+    for m in batchnorms(teacher):  # stored statistics that differ from any batch's
+        m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    momentum_zero = copy.deepcopy(teacher)
+    for m in batchnorms(momentum_zero):
+        m.train(), setattr(m, "momentum", 0.0)
+    use_batch_statistics(teacher)
+    stored = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for task in ("cls", "seg"):
+            torch.testing.assert_close(teacher.branch_features(images, task)[-1],
+                                       momentum_zero.branch_features(images, task)[-1], rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stored.items())  # nor counted batches
+
+
 def _write_run(run_dir: Path, net, cfg: RunConfig, stage: str) -> Path:
     from xlearner.stages import save_product
 

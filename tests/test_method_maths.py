@@ -330,3 +330,70 @@ def test_seg_loss_points_reach_the_upstream_heads_and_change_only_the_loss():
             full = seg.loss(head, out, batch)
         assert float(a) != float(b)  # a new draw each call
         assert float(a) == pytest.approx(float(full), rel=0.2) and float(b) == pytest.approx(float(full), rel=0.2)
+
+
+# ----------------------------------------------------------------------------- fewer operators, same loss (#28)
+def _masked_weight_sum(masks, class_weight, dtype):
+    """The ignored pixels' weights masked out by hand: the formula the weight table replaced."""
+    valid = masks != 255
+    return (class_weight.to(dtype)[masks.masked_fill(~valid, 0)] * valid).sum().clamp(min=1e-12)
+
+
+def _seg_loss_at_by_hand(logits, masks, pixels, class_weight):
+    """seg_loss_at with the grid built from the drawn pixels' coordinates, as before the cache."""
+    h, w = masks.shape[-2:]
+    ys, xs = (pixels // w).to(logits.dtype), (pixels % w).to(logits.dtype)
+    grid = torch.stack(((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1), dim=-1).unsqueeze(1)
+    sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    labels = masks.flatten(1).gather(1, pixels).unsqueeze(1)
+    total = F.cross_entropy(sampled, labels, weight=class_weight, ignore_index=255, reduction="sum")
+    return total / _masked_weight_sum(labels, class_weight, sampled.dtype)
+
+
+def test_seg_weight_table_and_cached_pixel_centres_leave_loss_and_gradient_unchanged():
+    from xlearner.tasks import pixel_centres, pixel_weight_table, seg_loss_at
+
+    weight = torch.tensor([0.1, 1.0, 2.0, 1.0, 0.5])
+    table = pixel_weight_table(weight)
+    assert table.shape == (256,) and float(table[255]) == 0.0 and torch.equal(table[:5], weight)
+    logits = _randn(2, 5, 8, 8, seed=3).requires_grad_(True)
+    masks = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(4))
+    masks[0, :5], masks[1, :, -3:] = 255, 255
+    total = F.cross_entropy(F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False), masks,
+                            weight=weight, ignore_index=255, reduction="sum")
+    by_hand = total / _masked_weight_sum(masks, weight, logits.dtype)
+    for kwargs in ({}, {"weight_table": table}):
+        new = seg_loss(logits, masks, weight, **kwargs)
+        torch.testing.assert_close(new, by_hand, rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(new, logits)[0], torch.autograd.grad(by_hand, logits,
+                                   retain_graph=True)[0], rtol=1e-6, atol=1e-9)
+    pixels = torch.rand(2, 32 * 32, generator=torch.Generator().manual_seed(5)).topk(100, dim=1).indices
+    for _ in range(2):  # the second call reads the cached centres
+        new, old = seg_loss_at(logits, masks, pixels, weight, table), _seg_loss_at_by_hand(logits, masks, pixels, weight)
+        assert torch.equal(new, old)
+        assert torch.equal(*(torch.autograd.grad(x, logits)[0] for x in (new, old)))
+    assert pixel_centres(32, 32, torch.float32, torch.device("cpu")) is pixel_centres(32, 32, torch.float32,
+                                                                                     torch.device("cpu"))
+
+
+def test_seg_head_keeps_its_weight_table_on_its_device_and_out_of_checkpoints():
+    from xlearner.tasks import HeadOptions, get, pixel_weight_table
+
+    seg = get("seg")
+    opts = HeadOptions(fpn_channels=8, seg_head="fpn", seg_background_weight=0.1)
+    head = seg.build_head(seg.build_neck([4, 8], [4, 8], opts), 5, [4, 8], [4, 8], opts)
+    assert torch.equal(head.weight_table, pixel_weight_table(head.class_weight))
+    assert "weight_table" not in head.state_dict()
+    assert head.to(torch.float64).weight_table.dtype == torch.float64  # a buffer: moves with the head
+    plain = seg.build_head(seg.build_neck([4, 8], [4, 8], HeadOptions(fpn_channels=8)), 5, [4, 8], [4, 8],
+                           HeadOptions(fpn_channels=8))
+    assert getattr(plain, "weight_table", None) is None  # unweighted heads keep the count of valid pixels
+
+
+def test_cka_distill_in_float32_under_bf16_autocast():
+    """Under autocast the Gram matrices stay float32: the loss of bf16 maps is their float32 CKA."""
+    s, t = _randn(2, 6, 5, 5, seed=8).bfloat16(), _randn(2, 4, 5, 5, seed=9).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = cka_distill(s, t)
+    assert under.dtype == torch.float32
+    assert torch.equal(under, cka_distill(s.float(), t.float()))
