@@ -172,6 +172,16 @@ class WeightsError(ValueError):
     """A weights file that is refused (not weights-only), unreadable, or does not fit the backbone."""
 
 
+def check_finite(state: dict[str, Tensor], path: str | Path, what: str = "weights file") -> None:
+    """WeightsError naming ``path`` and its first tensor holding NaN or inf (with how many of each)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise WeightsError(f"{what} {path}: tensor {name!r} holds {nan} NaN and {inf} inf values of "
+                               f"{t.numel()}; the weights are unusable (a diverged run saved, or a damaged copy): "
+                               f"train or export them again")
+
+
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -227,9 +237,9 @@ def load_initial_weights(backbone: nn.Module, path: str | Path, partial: bool = 
     """Load a weights file into the backbone, printing the matched, missing and unexpected keys.
 
     Keys of the file absent from the backbone (a classifier, the unused tail) are ignored. An error
-    names the file when no key matches, when a shape differs, or when a backbone key is missing
-    from the file, unless ``partial`` (config ``backbone.weights_partial``): a wrong file must not
-    silently leave a random backbone.
+    names the file when no key matches, when a shape differs, when a loaded tensor holds NaN or inf,
+    or when a backbone key is missing from the file, unless ``partial`` (config
+    ``backbone.weights_partial``): a wrong file must not silently leave a random backbone.
     """
     state = {_strip(k): v for k, v in read_weights_file(path).items()}
     own = backbone.state_dict()
@@ -253,6 +263,7 @@ def load_initial_weights(backbone: nn.Module, path: str | Path, partial: bool = 
             f"weights {path}: {len(missing)} of the {len(own)} keys of backbone {arch} are missing from the file "
             f"(e.g. {missing[:3]}; {len(matched)} matched); give a file for the whole backbone, or set "
             f"backbone.weights_partial=true to keep random weights for the missing keys")
+    check_finite({k: state[k] for k in matched}, path, "weights")  # NaN weights would train NaN silently
     backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
     report = {"matched": matched, "missing": missing, "unexpected": unexpected}
     print(f"backbone weights {path}: " + ", ".join(

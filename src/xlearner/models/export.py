@@ -14,7 +14,7 @@ from torch import Tensor
 
 from xlearner.config import BackboneConfig
 from xlearner.files import write_bytes_atomic
-from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, create_full_model
+from xlearner.models.backbone import TV_MOBILENETS, TV_RESNETS, Backbone, check_finite, create_full_model
 
 
 def native_format(arch: str) -> str:
@@ -94,20 +94,6 @@ def read_weights(path: str | Path, what: str = "weights file") -> dict[str, Tens
                            f"a copy") from None
     check_finite(state, path, what)
     return state
-
-
-def check_finite(state: dict[str, Tensor], path: str | Path, what: str = "weights file") -> None:
-    """WeightsError naming ``path`` and its first tensor holding NaN or inf (with how many of each)."""
-    import torch
-
-    from xlearner.models.backbone import WeightsError
-
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise WeightsError(f"{what} {path}: tensor {name!r} holds {nan} NaN and {inf} inf values of "
-                               f"{t.numel()}; the weights are unusable (a diverged run saved, or a damaged copy): "
-                               f"train or export them again")
 
 
 def load_backbone(path: str | Path) -> tuple[BackboneConfig, Backbone]:
