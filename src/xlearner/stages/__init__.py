@@ -182,9 +182,10 @@ def _stage_record(cfg: RunConfig, stage: str, module: Stage, sources: list, data
     times = {"fit_wall_s": 0.0, "fit_eval_s": 0.0, "train_images_per_s": 0.0}
     if result is not None:
         step_s = float(getattr(result, "step_s", 0.0) or 0.0)  # wall time inside training steps
-        times = {"fit_wall_s": round(result.wall_s, 2), "fit_eval_s": round(result.eval_s, 2),
-                 "train_images_per_s": round(result.images_per_s, 1), "step_s": round(step_s, 2),
-                 "fit_s": round(result.wall_s, 2), "time_in_steps": round(step_s / max(result.wall_s, 1e-9), 3)}
+        # milliseconds: a short stage's ratio must stay readable from step_s and fit_s
+        times = {"fit_wall_s": round(result.wall_s, 3), "fit_eval_s": round(result.eval_s, 2),
+                 "train_images_per_s": round(result.images_per_s, 1), "step_s": round(step_s, 3),
+                 "fit_s": round(result.wall_s, 3), "time_in_steps": round(step_s / max(result.wall_s, 1e-9), 3)}
     return {
         "stage": stage,
         "config": cfg.to_dict(),
