@@ -109,7 +109,7 @@ fi
 
 # --- summary: wall time and SM utilisation per part ----------------------------------------
 {
-  echo "gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)," \
+  echo "gpu_check $(date -u +%FT%TZ) on $( [ "$HAVE_GPU" = 1 ] && nvidia-smi --query-gpu=name --format=csv,noheader | head -1 || echo "CPU (no GPU, $(nproc) cores)")," \
        "preset $PRESET, $(git log -1 --format=%h 2>/dev/null), source digest $SRC_DIGEST"
   for f in "$WORK"/wall_*.txt; do
     [ -f "$f" ] || continue
