@@ -147,7 +147,6 @@ def test_initial_weights_safetensors(tmp_path):
         assert torch.equal(bb.state_dict()[k], v)
 
 
-
 def test_initial_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
     """backbone.weights with a NaN in a tensor the backbone uses: an error naming the file and the tensor, not a
     run that trains NaN; a NaN in a tensor the backbone ignores (a classifier) does not matter."""
@@ -162,6 +161,7 @@ def test_initial_weights_with_nan_are_refused_naming_the_tensor(tmp_path):
     torch.save(state, tmp_path / "nan.pth")
     with pytest.raises(ValueError, match=r"nan\.pth: tensor 'layer2\.0\.conv1\.weight' holds 2 NaN and 0 inf"):
         Backbone(CFG.model_copy(update={"weights": tmp_path / "nan.pth"}))
+
 
 # ------------------------------------------------------------------------------ damaged weights, full disk (D7)
 
