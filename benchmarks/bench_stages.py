@@ -141,7 +141,11 @@ class Runner:
         self.forward = torch.compile(self.module, mode=cfg.train.compile_mode) if cfg.train.compile else self.module
         self.opt = build_optimizer(self.module, cfg.train, device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.batch = move_to_device(fake_batch(cfg, sources, plain=stage == "plain"), device, self.channels_last)
+        batch = fake_batch(cfg, sources, plain=stage == "plain")
+        if hasattr(self.module, "target_encoders"):  # what the training loader's workers add (FCOS's matching)
+            encoders = self.module.target_encoders({s.name: cfg.size_of(s) for s in sources})
+            batch = {name: encoders[name](b) if name in encoders else b for name, b in batch.items()}
+        self.batch = move_to_device(batch, device, self.channels_last)
         self.images = sum(int(b["images"].shape[0]) for b in self.batch.values())
         amp = _autocast_dtype(cfg.train.amp, device)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext

@@ -54,3 +54,21 @@ def test_stage_step_compiles_whole_and_equals_eager(runners, stage):
     for g, e in zip(grads, eager_grads):
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_det_step_compiles_once_whatever_the_box_count(runners, monkeypatch):
+    """The det loss reads the loader's matched targets, (B, A) whatever the boxes: batches with
+    more boxes per image reuse the compiled step (no train.det_pad_boxes needed); the boxes
+    themselves are read only when the level grids differ from the encoder's."""
+    import torch.nn.functional as F
+
+    runner = runners["msst_det"]
+    (name, b), = runner.batch.items()
+    assert "fcos_labels" in b, "the bench batch must carry the loader's targets to be a test"
+    more = {**b, "boxes": F.pad(b["boxes"], (0, 0, 0, 3)), "labels": F.pad(b["labels"], (0, 3), value=-1)}
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(runner.module, fullgraph=True, backend="aot_eager")
+    first = compiled({name: b})
+    second = compiled({name: more})  # error_on_recompile: a second graph would raise here
+    torch.testing.assert_close(second, first)

@@ -219,3 +219,55 @@ def test_fused_fcos_head_equals_torchvision_outputs_and_gradients(num_convs):
     assert torch.allclose(fused.box.weight.grad, torch.cat([reg.bbox_reg.weight.grad, reg.bbox_ctrness.weight.grad]),
                           atol=1e-6)
     assert torch.allclose(fused.cls_logits.bias.grad, ref.classification_head.cls_logits.bias.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,strides", [(96, [8, 16]), (100, [8, 16, 32, 64, 128]), (64, [8])])
+def test_targets_encoded_in_the_loader_leave_losses_and_gradients_unchanged(size, strides):
+    """A training loader's det batches carry FCOSTargets, computed in its workers (the matching, off
+    the step): the losses and every gradient equal those of matching in the step. 100 px: the grids
+    are ceil(size / stride) and torchvision's anchor stride there is 100 // 13 = 7, not 8."""
+    from xlearner import tasks
+    from xlearner.models.heads import FCOS_TARGET_KEYS
+
+    torch.manual_seed(0)
+    head = DetHead(32, 5, strides, num_convs=2)
+    *_, targets = _random_case(1, size, strides, num_classes=5, batch=4)
+    boxes, labels = pad_targets(targets, torch.device("cpu"))
+    plain = {"images": torch.zeros(4, 3, size, size), "boxes": boxes, "labels": labels}
+    encoded = head.target_encoder(size)(plain)
+    assert set(encoded) == set(plain) | set(FCOS_TARGET_KEYS)
+    assert (encoded["fcos_labels"] >= 0).sum() > 0, "the case must have foreground locations to be a test"
+    feats = [torch.randn(4, 32, -(-size // s), -(-size // s)) for s in strides]
+    results = []
+    for batch in (plain, encoded):
+        head.zero_grad()
+        f = [x.clone().requires_grad_(True) for x in feats]
+        parts = head.losses(f, (size, size), {k: batch[k] for k in (*FCOS_TARGET_KEYS, "boxes", "labels")}
+                            if "fcos_labels" in batch else (batch["boxes"], batch["labels"]))
+        total = tasks.get("det").loss(head, f, batch)
+        torch.testing.assert_close(total, sum(parts.values()), rtol=0, atol=0)
+        total.backward()
+        results.append((parts, [x.grad for x in f] + [p.grad for p in head.parameters()]))
+    (ref, ref_grads), (ours, our_grads) = results
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-6, atol=1e-6, msg=k)
+    assert len(our_grads) == len(ref_grads) and all(g is not None for g in ref_grads)
+    for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_targets_encoded_for_other_grids_are_matched_in_the_step_with_a_warning():
+    """A backbone whose grids are not ceil(size / stride) (floor arithmetic at 90 px): the anchor
+    counts differ, the head matches in the step and says so once; the losses stay right."""
+    from xlearner.models.heads import FCOS_TARGET_KEYS
+
+    head = DetHead(32, 5, [8, 16], num_convs=1)
+    *_, targets = _random_case(2, 90, [8, 16], num_classes=5, batch=2)
+    boxes, labels = pad_targets(targets, torch.device("cpu"))
+    encoded = head.target_encoder(90)({"images": torch.zeros(2, 3, 90, 90), "boxes": boxes, "labels": labels})
+    feats = [torch.randn(2, 32, 11, 11), torch.randn(2, 32, 5, 5)]  # ceil would give 12 and 6
+    with pytest.warns(UserWarning, match="matching in the step"):
+        ours = head.losses(feats, (90, 90), {k: encoded[k] for k in (*FCOS_TARGET_KEYS, "boxes", "labels")})
+    ref = head.losses(feats, (90, 90), (boxes, labels))
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0, msg=k)

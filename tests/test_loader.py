@@ -152,3 +152,28 @@ def test_eval_loader_is_finite_and_ordered():
     assert batches[0]["masks"].shape == (2, 16, 16)
     again = list(eval_loader(ds, "seg", 16, batch_size=2))
     assert torch.equal(batches[0]["images"], again[0]["images"])
+
+
+def test_target_encoders_run_in_the_workers_on_the_padded_det_batch():
+    """``target_encoders`` (the stage's FCOS matching) is applied in the worker to the collated batch:
+    the batches are those of a loader without it, plus the encoded targets of exactly those boxes."""
+    from xlearner.models.heads import FCOS_TARGET_KEYS, DetHead
+
+    encoder = DetHead(32, 3, [8]).target_encoder(32)  # a 4 x 4 grid
+    tasks = {"d": "det"}
+    kw = dict(seed=3, num_workers=1)
+    data = {"d": TinyDataset("det", 7)}
+    tf = {"d": build_transform("det", 32, train=True, augment=AUG["det"])}
+    with_enc = MultiSourceLoader(data, {"d": 3}, tf, tasks, target_encoders={"d": encoder}, **kw)
+    without = MultiSourceLoader(data, {"d": 3}, tf, tasks, **kw)
+    try:
+        for _ in range(3):
+            a, b = next(with_enc)["d"], next(without)["d"]
+            assert same({"d": a}, {"d": b})
+            assert a["fcos_labels"].shape == (3, 16) and a["fcos_ltrb"].shape == (3, 16, 4)
+            expected = encoder(b)
+            assert all(torch.equal(a[k], expected[k]) for k in FCOS_TARGET_KEYS)
+            assert int((a["fcos_labels"] >= 0).sum()) > 0
+    finally:
+        with_enc.close()
+        without.close()

@@ -330,6 +330,26 @@ def test_baselines_train(stage, sources, data_root, tmp_path):
     assert info["cost"]["images_seen"] == STEPS * sum(BATCH[s] for s in sources)
 
 
+def test_det_steps_read_the_targets_their_loader_matched(data_root, tmp_path, monkeypatch):
+    """train_stage gives its training loader the stage's target encoders: every det step's loss reads
+    FCOS targets matched where the batch was built, none matches in the step (the equality of the
+    two is tests/test_fcos_loss.py's)."""
+    from xlearner.models import heads
+
+    seen, real = [], heads.DetHead.losses
+
+    def losses(self, features, image_size, targets):
+        seen.append(int(targets["fcos_labels"].shape[1]) if isinstance(targets, dict) else 0)
+        return real(self, features, image_size, targets)
+
+    monkeypatch.setattr(heads.DetHead, "losses", losses)
+    cfg = tiny_config(data_root, steps=3, **{"baselines.msst_task": "det", "baselines.steps": 3,
+                                             "train.num_workers": 1})
+    _run(cfg, "msst", tmp_path / "msst")
+    anchors = sum((-(-cfg.size_of(cfg.source("shapes")) // s)) ** 2 for s in heads.det_levels([4, 8, 16, 32], SIZE)[1])
+    assert seen == [anchors] * 3
+
+
 def test_stage_validation_builds_its_batches_once_per_process(data_root, tmp_path, monkeypatch):
     """A stage validates each source with its trained and with precise-BN statistics, and every stage
     of a job validates the same sources: their val and precise-BN batches are built once per process

@@ -256,8 +256,10 @@ class TrainConfig(_Strict):
     """torch.compile's mode when ``compile`` is on; ``reduce-overhead`` replays the step's kernels
     as CUDA graphs, for steps whose time goes to launching operators rather than running them."""
     det_pad_boxes: int | None = Field(None, ge=1)
-    """Detection batches pad their boxes to at least this many per image (padding changes no loss),
-    so that a compiled step sees one target shape instead of recompiling as the box count varies."""
+    """Detection batches pad their boxes to at least this many per image (padding changes no loss).
+    The training loader encodes FCOS targets per anchor, so a compiled step sees no box count; the
+    padding matters where the step matches boxes itself (level grids that are not ceil(size /
+    stride), the frozen transfer's cached batches), which then keeps one shape instead of recompiling."""
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     val_every: int = Field(0, ge=0)

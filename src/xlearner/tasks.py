@@ -8,12 +8,14 @@ call (tests/test_tasks.py trains an msmt run on a toy regression task that way).
 
 The batch layouts (``collate``): cls ``{"images", "labels" (B,)}``; det ``{"images", "targets":
 [{"boxes" (n,4) xyxy px, "labels" (n,)}]}`` or, padded for training, ``{"images", "boxes"
-(B,M,4), "labels" (B,M), -1 = padding}``; seg ``{"images", "masks" (B,H,W), 255 = ignore}``.
+(B,M,4), "labels" (B,M), -1 = padding}``, to which the training loader's workers add FCOS's
+matched targets ``"fcos_labels", "fcos_ltrb", "fcos_ctr"`` (``target_encoder``); seg ``{"images",
+"masks" (B,H,W), 255 = ignore}``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,11 @@ class Task:
     def predict(self, head: nn.Module, neck_out: Any, images: Tensor) -> Any:
         """What the evaluator's ``update`` takes, for a batch of ``images``."""
         raise NotImplementedError
+
+    def target_encoder(self, head: nn.Module, image_size: int) -> Callable[[dict], dict] | None:
+        """What the training loader's workers may add to a collated batch of ``image_size`` images for
+        ``loss`` to read: the part of the loss that reads targets only, taken off the step (None: nothing)."""
+        return None
 
     # --- evaluation ----------------------------------------------------------------------
     def evaluator(self, num_classes: int, dataset: Any = None):
@@ -220,9 +227,16 @@ class DetTask(Task):
         return DetHead(opts.fpn_channels, num_classes, neck.head_strides, num_convs=opts.det_head_convs)
 
     def loss(self, head, neck_out, batch):
-        # the training loader's padded boxes/labels, or a per-image targets list
-        targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
+        from xlearner.models.heads import FCOS_TARGET_KEYS
+
+        if FCOS_TARGET_KEYS[0] in batch:  # the training loader's matched targets (target_encoder)
+            targets = batch  # the boxes are read only if the grids differ: a compiled step sees no box count
+        else:  # padded boxes/labels, or a per-image targets list
+            targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
         return sum(head.losses(neck_out, image_size_of(batch["images"]), targets).values())
+
+    def target_encoder(self, head, image_size):
+        return head.target_encoder(image_size)  # FCOS's matching and target encoding, in the workers
 
     def predict(self, head, neck_out, images):
         return head.detect(neck_out, image_size_of(images))

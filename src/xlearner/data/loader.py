@@ -123,25 +123,28 @@ class SeededTransformDataset(Dataset):
         return image, target
 
 
-def collate(task: str, padded: bool | int = False) -> Callable[[list], dict]:
+def collate(task: str, padded: bool | int = False, encode: Callable[[dict], dict] | None = None) -> Callable[[list], dict]:
     """Batch builder of a task (``tasks.Task.collate``; the layouts are in ``xlearner.tasks``).
 
     ``padded`` (det, training): boxes and labels as two padded tensors instead of a per-image list;
-    an int pads them to at least that many boxes per image."""
+    an int pads them to at least that many boxes per image. ``encode``: applied to the batch after
+    (``Task.target_encoder``: the loss's work on targets alone, done in the workers)."""
     from xlearner import tasks
 
-    return _Collate(tasks.get(task), padded)
+    return _Collate(tasks.get(task), padded, encode)
 
 
 class _Collate:
-    """Picklable (DataLoader workers): the task object and the layout."""
+    """Picklable (DataLoader workers): the task object, the layout and the target encoder."""
 
-    def __init__(self, task, padded: bool | int = False):
+    def __init__(self, task, padded: bool | int = False, encode: Callable[[dict], dict] | None = None):
         self.task = task
         self.padded = padded
+        self.encode = encode
 
     def __call__(self, samples: list) -> dict:
-        return self.task.collate(samples, self.padded)
+        batch = self.task.collate(samples, self.padded)
+        return self.encode(batch) if self.encode is not None else batch
 
 
 class MultiSourceLoader:
@@ -150,7 +153,7 @@ class MultiSourceLoader:
     def __init__(self, datasets: dict[str, Dataset], batch_sizes: dict[str, int],
                  transforms: dict[str, Callable] | None, tasks: dict[str, str], *, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
-                 det_pad_boxes: int | None = None):
+                 det_pad_boxes: int | None = None, target_encoders: dict[str, Callable[[dict], dict]] | None = None):
         if not datasets:
             raise ValueError("MultiSourceLoader needs at least one source")
         for what, d in (("batch_sizes", batch_sizes), ("tasks", tasks)):
@@ -164,6 +167,7 @@ class MultiSourceLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.padded = det_pad_boxes or True
+        self.target_encoders = dict(target_encoders or {})
         self._consumed = {k: 0 for k in datasets}
         self._iters: dict[str, Iterator] | None = None
         self._loaders: dict[str, DataLoader] = {}
@@ -178,7 +182,7 @@ class MultiSourceLoader:
             loader = DataLoader(
                 SeededTransformDataset(ds, self.transforms[name]), batch_size=bs, sampler=sampler,
                 drop_last=True, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                persistent_workers=self.num_workers > 0, collate_fn=collate(self.tasks[name], padded=self.padded),
+                persistent_workers=self.num_workers > 0, collate_fn=collate(self.tasks[name], self.padded, self.target_encoders.get(name)),
                 prefetch_factor=4 if self.num_workers > 0 else None,
                 # own generator: creating iterators must not consume the global torch RNG
                 generator=torch.Generator().manual_seed(_mix(self.seed, source_key(name), 7)),

@@ -217,36 +217,69 @@ def ltrb_giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     return 1 - (iou - (area_c - union) / (area_c + eps))
 
 
-def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor,
-              labels: Tensor) -> dict[str, Tensor]:
-    """torchvision FCOSHead.compute_loss over the batch at once: sigmoid focal loss, GIoU loss and
-    centerness BCE, each summed and divided by max(1, foreground count). Masked sums instead of
-    boolean indexing, and the count stays on the device: no host synchronisation. The boxes stay
-    in FCOS's (l, t, r, b) form throughout (:func:`ltrb_targets`, :func:`ltrb_giou_loss`): the det
-    step's cost on a GPU follows its operator count (README, "Speed on one GPU")."""
-    cls_logits = head_outputs["cls_logits"].float()                       # (B, A, K)
-    bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
-    ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
+FCOS_TARGET_KEYS = ("fcos_labels", "fcos_ltrb", "fcos_ctr")
+
+
+def fcos_targets(anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """What FCOS's loss reads from the boxes, per anchor (no prediction enters it): ``fcos_labels``
+    (B, A) the matched box's class, -1 on background; ``fcos_ltrb`` (B, A, 4) its regression target
+    (:func:`ltrb_targets`; background: a unit box around the anchor's own centre, finite terms that
+    the loss weights by zero); ``fcos_ctr`` (B, A) its centerness target (0 on background)."""
     fg = matched >= 0
-    fg_weight = fg.to(torch.float32)
     idx = matched.clamp(min=0)
     gt_boxes = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (B, A, 4)
-    gt_labels = torch.gather(labels, 1, idx)                              # (B, A)
-    num_fg = fg_weight.sum().clamp(min=1)
-    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
-    onehot = ((gt_labels[..., None] == classes) & fg[..., None]).to(cls_logits.dtype)
-    loss_cls = sigmoid_focal_loss(cls_logits, onehot, reduction="sum")
-    # background locations get a unit box around their own centre as target (the encoding of their
-    # anchor): finite terms, weighted by zero below
+    gt_labels = torch.where(fg, torch.gather(labels, 1, idx), -1)        # (B, A)
     reg_targets = torch.where(fg[..., None], ltrb_targets(anchors, gt_boxes), 0.5)
-    loss_reg = (ltrb_giou_loss(bbox_regression, reg_targets) * fg_weight).sum()
     # centerness: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), on the (2, 2) view [[l, t], [r, b]]
     pairs = reg_targets.unflatten(-1, (2, 2))
     ratios = pairs.amin(dim=-2) / pairs.amax(dim=-2)
-    gt_ctr = (ratios[..., 0] * ratios[..., 1]).sqrt() * fg_weight
+    gt_ctr = (ratios[..., 0] * ratios[..., 1]).sqrt() * fg.to(torch.float32)
+    return {"fcos_labels": gt_labels, "fcos_ltrb": reg_targets, "fcos_ctr": gt_ctr}
+
+
+def fcos_loss_on_targets(head_outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision FCOSHead.compute_loss over the batch at once, on :func:`fcos_targets`: sigmoid
+    focal loss, GIoU loss and centerness BCE, each summed and divided by max(1, foreground count).
+    Masked sums instead of boolean indexing, and the count stays on the device: no host
+    synchronisation. The boxes stay in FCOS's (l, t, r, b) form throughout (:func:`ltrb_giou_loss`):
+    the det step's cost on a GPU follows its operator count (docs/performance.md)."""
+    cls_logits = head_outputs["cls_logits"].float()                       # (B, A, K)
+    bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
+    ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
+    gt_labels, reg_targets, gt_ctr = (targets[k] for k in FCOS_TARGET_KEYS)
+    fg_weight = (gt_labels >= 0).to(torch.float32)
+    num_fg = fg_weight.sum().clamp(min=1)
+    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
+    onehot = (gt_labels[..., None] == classes).to(cls_logits.dtype)       # background (-1): all zero
+    loss_cls = sigmoid_focal_loss(cls_logits, onehot, reduction="sum")
+    loss_reg = (ltrb_giou_loss(bbox_regression, reg_targets) * fg_weight).sum()
     loss_ctr = F.binary_cross_entropy_with_logits(ctrness, gt_ctr, weight=fg_weight, reduction="sum")
     return {"classification": loss_cls / num_fg, "bbox_regression": loss_reg / num_fg,
             "bbox_ctrness": loss_ctr / num_fg}
+
+
+def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor,
+              labels: Tensor) -> dict[str, Tensor]:
+    """The FCOS losses from matched boxes (:func:`fcos_match`): :func:`fcos_loss_on_targets` of :func:`fcos_targets`."""
+    return fcos_loss_on_targets(head_outputs, fcos_targets(anchors, matched, boxes, labels))
+
+
+class FCOSTargets:
+    """A padded det batch's :func:`fcos_targets`, added where the batch is built: in the training
+    loader's workers. Matching and encoding read only boxes and anchors, so computing them there takes
+    about 60 operators off every det step (docs/performance.md), which is what a launch-bound GPU step
+    pays for. Picklable (DataLoader workers): it holds the anchors of one image size
+    (:meth:`DetHead.target_encoder`); the boxes and labels stay in the batch."""
+
+    def __init__(self, anchors: Tensor, num_anchors_per_level: list[int], center_sampling_radius: float):
+        self.anchors = anchors
+        self.num_anchors_per_level = list(num_anchors_per_level)
+        self.center_sampling_radius = float(center_sampling_radius)
+
+    def __call__(self, batch: dict) -> dict:
+        boxes, labels = batch["boxes"].to(torch.float32), batch["labels"].to(torch.int64)
+        matched = fcos_match(self.anchors, self.num_anchors_per_level, boxes, labels, self.center_sampling_radius)
+        return {**batch, **fcos_targets(self.anchors, matched, boxes, labels)}
 
 
 class FusedFCOSHead(nn.Module):
@@ -300,6 +333,16 @@ class FusedFCOSHead(nn.Module):
         return {"cls_logits": torch.cat(logits, dim=1), "bbox_regression": F.relu(reg), "bbox_ctrness": ctr}
 
 
+@functools.lru_cache(maxsize=8)
+def _warn_grids(encoded: int, anchors: int, grids: tuple) -> None:
+    """Once per shape: a backbone whose level grids are not ceil(size / stride)."""
+    import warnings
+
+    warnings.warn(f"DetHead: the loader encoded targets for {encoded} anchors, the features give {anchors} "
+                  f"(grids {list(grids)}, not ceil(size / stride)); matching in "
+                  "the step instead, which is correct but slower", stacklevel=3)
+
+
 class DetHead(FCOS):
     """torchvision FCOS on our FPN features.
 
@@ -348,21 +391,29 @@ class DetHead(FCOS):
         recompile the step once it is filled)."""
         h, w = int(image_size[0]), int(image_size[1])
         grids = tuple(tuple(int(v) for v in f.shape[-2:]) for f in features)
-
-        def generate() -> Tensor:
-            # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
-            # even under bf16 autocast: bf16 would round pixel coordinates above 256 to 2+ px)
-            empty = features[0].new_empty((1, 0, h, w), dtype=torch.float32)
-            return self.anchor_generator(ImageList(empty, [(h, w)]), [empty.new_empty((1, 0) + g) for g in grids])[0]
-
         if torch.compiler.is_compiling():
-            return generate()
+            return self._anchors(h, w, grids, features[0].device)
         key = (h, w, grids, features[0].device)
         if key not in self._anchor_cache:
             if len(self._anchor_cache) > 16:
                 self._anchor_cache.clear()
-            self._anchor_cache[key] = generate()
+            self._anchor_cache[key] = self._anchors(*key)
         return self._anchor_cache[key]
+
+    def _anchors(self, h: int, w: int, grids: tuple, device: torch.device) -> Tensor:
+        # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
+        # even under bf16 autocast: bf16 would round pixel coordinates above 256 to 2+ px)
+        empty = torch.empty((1, 0, h, w), dtype=torch.float32, device=device)
+        return self.anchor_generator(ImageList(empty, [(h, w)]), [empty.new_empty((1, 0) + g) for g in grids])[0]
+
+    def target_encoder(self, image_size: int | tuple[int, int]) -> FCOSTargets:
+        """:class:`FCOSTargets` for training images of ``image_size``, on the CPU. The level grids are
+        ceil(size / stride), what stride-2 convs with "same" padding give (ResNet, MobileNet); for a
+        backbone whose grids differ, :meth:`losses` sees the anchor count differ and matches in the step."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        grids = tuple((math.ceil(h / s), math.ceil(w / s)) for s in self.strides)
+        return FCOSTargets(self._anchors(int(h), int(w), grids, torch.device("cpu")), [a * b for a, b in grids],
+                           self.center_sampling_radius)
 
     def _run(self, features: list[Tensor], image_size: tuple[int, int]):
         if len(features) != len(self.strides):
@@ -377,9 +428,16 @@ class DetHead(FCOS):
                targets: list[dict] | tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """FCOS losses: ``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE).
 
-        ``targets``: per-image ``{"boxes", "labels"}`` dicts, or the padded ``(boxes (B, M, 4),
-        labels (B, M), -1 = padding)`` of :func:`pad_targets` / the training loader's det batches."""
+        ``targets``: per-image ``{"boxes", "labels"}`` dicts, the padded ``(boxes (B, M, 4),
+        labels (B, M), -1 = padding)`` of :func:`pad_targets`, or a training loader's det batch
+        encoded by :class:`FCOSTargets` (its ``fcos_*`` targets and its padded boxes and labels)."""
         head_outputs, anchors, per_level = self._run(features, image_size)
+        if isinstance(targets, dict):  # the loader's :class:`FCOSTargets`, with the boxes they came from
+            if targets["fcos_labels"].shape[1] == anchors.shape[0]:
+                return fcos_loss_on_targets(head_outputs, targets)
+            _warn_grids(int(targets["fcos_labels"].shape[1]), int(anchors.shape[0]),
+                        tuple(tuple(int(v) for v in f.shape[-2:]) for f in features))
+            targets = (targets["boxes"], targets["labels"])
         if isinstance(targets, tuple):
             boxes, labels = targets[0].to(anchors.device, torch.float32), targets[1].to(anchors.device, torch.int64)
         else:

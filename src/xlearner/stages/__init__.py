@@ -151,7 +151,8 @@ def _fit_stage(cfg: RunConfig, stage: str, module: Stage, sources: list, dataset
     from xlearner.engine.trainer import fit
     from xlearner.stages import common
 
-    data = common.build_stage_data(cfg, sources, rank=rank, world_size=world_size, datasets=datasets)
+    data = common.build_stage_data(cfg, sources, rank=rank, world_size=world_size, datasets=datasets,
+                                   target_encoders=module.target_encoders({s.name: cfg.size_of(s) for s in sources}))
     train_cfg = cfg.train.model_copy(update={"steps": steps})
     try:
         # the config rides in the checkpoint: `xlearner train --resume` compares it with the new one

@@ -95,9 +95,11 @@ def bad_records_line(counts: dict[str, int], val_counts: dict[str, int], sources
 
 
 def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: int = 0, world_size: int = 1,
-                     datasets: dict | None = None, with_val: bool = True) -> StageData:
+                     datasets: dict | None = None, with_val: bool = True,
+                     target_encoders: dict | None = None) -> StageData:
     """Train datasets + transforms + MultiSourceLoader (DDP-aware), and val and precise-BN loaders for
-    ``sources`` whose batches are built once per process (``CachedEvalLoader``)."""
+    ``sources`` whose batches are built once per process (``CachedEvalLoader``). ``target_encoders``:
+    per source, what the training loader's workers add to its batches (``Stage.target_encoders``)."""
     from xlearner.data.loader import CachedEvalLoader, MultiSourceLoader
     from xlearner.data.transforms import build_transform
 
@@ -112,7 +114,8 @@ def build_stage_data(cfg: RunConfig, sources: Sequence[SourceConfig], *, rank: i
     task_of = {s.name: s.task for s in sources}
     loader = MultiSourceLoader(datasets, batch_sizes, transforms, task_of, seed=cfg.seed, rank=rank,
                                world_size=world_size, num_workers=cfg.train.num_workers,
-                               pin_memory=torch.cuda.is_available(), det_pad_boxes=cfg.train.det_pad_boxes)
+                               pin_memory=torch.cuda.is_available(), det_pad_boxes=cfg.train.det_pad_boxes,
+                               target_encoders=target_encoders)
     val_loaders, val_datasets = {}, {}
     if with_val:
         for s in sources:

@@ -21,7 +21,9 @@ instance side
 - ``predict(images, source)``: the evaluation output of the source's task (``Task.predict``);
 - ``features(images, task)``: the trained backbone work of a batch of ``task`` (FLOP count,
   precise-BN re-estimation); ``frozen_features(images, task)``: the frozen nets' work, or None;
-- ``product()``: the network saved as ``model.safetensors``; ``run_info()``: extra run.json fields.
+- ``product()``: the network saved as ``model.safetensors``; ``run_info()``: extra run.json fields;
+- ``target_encoders(sizes)``: per source, what its training loader's workers add to each batch for
+  the loss (``Task.target_encoder``: FCOS's matching), so that the step does not do it.
 
 ``NetStage`` implements forward/predict for every stage whose product has ``task_heads``: a
 batch of source k (task t) runs through ``features(images, t)``, task t's neck and k's head,
@@ -84,6 +86,9 @@ class Stage(nn.Module):
     def run_info(self) -> dict:
         return {}
 
+    def target_encoders(self, sizes: dict[str, int]) -> dict[str, Callable[[dict], dict]]:
+        return {}
+
 
 class NetStage(Stage):
     """A stage whose product ``net`` has ``task_heads`` (a neck per task, a head per source)."""
@@ -112,3 +117,10 @@ class NetStage(Stage):
 
     def product(self) -> nn.Module:
         return self.net
+
+    def target_encoders(self, sizes: dict[str, int]) -> dict[str, Callable[[dict], dict]]:
+        """Each source's ``Task.target_encoder`` for its head and training image size ``sizes[name]``."""
+        heads = self.net.task_heads.heads
+        encoders = {name: tasks.get(spec.task).target_encoder(heads[name], sizes[name])
+                    for name, spec in self.specs.items() if name in sizes}
+        return {name: enc for name, enc in encoders.items() if enc is not None}

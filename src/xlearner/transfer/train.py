@@ -135,7 +135,7 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
         net = TransferNet(task, backbone, neck, head)
         loader = MultiSourceLoader({"ds": train_ds}, {"ds": bs},
                                    {"ds": build_transform(task.name, size, train=True, augment=augment, resize=resize)},
-                                   {"ds": task.name}, seed=seed)
+                                   {"ds": task.name}, seed=seed, target_encoders=_encoders(task, head, size))
         try:
             final_loss = fit_transfer(net, _loader_batches(loader), tc, dev, show_progress, len(train_ds))
         finally:
@@ -144,6 +144,12 @@ def transfer_trained(task: Task, backbone: nn.Module, train_ds, test_ds, num_cla
     net.eval()
     scores = _score(task, net, backbone, test_ds, num_classes, mode, cache, dev, original, keys[1], maps_of)
     return {**scores, "final_loss": final_loss}
+
+
+def _encoders(task: Task, head: nn.Module, size: int) -> dict:
+    """The training loader's target encoder (det: FCOS's matching, off the step), if the task has one."""
+    encoder = task.target_encoder(head, size)
+    return {"ds": encoder} if encoder is not None else {}
 
 
 def _score(task: Task, net: nn.Module, backbone: nn.Module, test_ds, num_classes: int, mode: str,
