@@ -136,6 +136,9 @@ class Runner:
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
         if self.channels_last:
             self.module.to(memory_format=torch.channels_last)
+        amp = _autocast_dtype(cfg.train.amp, device)
+        if amp is not None and hasattr(self.module, "cast_frozen_for_autocast"):  # as the engine does
+            self.module.cast_frozen_for_autocast(amp)
         self.module.train()
         # train.compile=true: the forward (and so its backward) through torch.compile, as the engine does
         self.forward = torch.compile(self.module, mode=cfg.train.compile_mode) if cfg.train.compile else self.module
@@ -147,7 +150,6 @@ class Runner:
             batch = {name: encoders[name](b) if name in encoders else b for name, b in batch.items()}
         self.batch = move_to_device(batch, device, self.channels_last)
         self.images = sum(int(b["images"].shape[0]) for b in self.batch.values())
-        amp = _autocast_dtype(cfg.train.amp, device)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
         self.step_s: list[float] = []
         self.cpu_clock = False

@@ -37,6 +37,11 @@ def test_gpu_preset_path_runs_expansion_and_squeeze_in_bf16_channels_last(tmp_pa
             hook.remove()
             seen["channels_last"] += [c.weight.is_contiguous(memory_format=torch.channels_last)
                                       for c in convs if c.kernel_size != (1, 1)]
+            if hasattr(module, "teacher"):  # squeeze: the frozen teacher's convs kept in bf16 for autocast
+                t_convs = [m for m in module.teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+                seen["teacher"] = {c.weight.dtype for c in t_convs}
+                seen["channels_last"] += [c.weight.is_contiguous(memory_format=torch.channels_last)
+                                          for c in t_convs if c.kernel_size != (1, 1)]
 
     monkeypatch.setattr(trainer, "fit", spy_fit)
     for stage in ("expansion", "squeeze"):
@@ -48,3 +53,4 @@ def test_gpu_preset_path_runs_expansion_and_squeeze_in_bf16_channels_last(tmp_pa
         assert "amp=torch.bfloat16" in capsys.readouterr().out
     assert torch.bfloat16 in seen["dtypes"]  # convs ran under CPU bf16 autocast
     assert seen["channels_last"] and all(seen["channels_last"])
+    assert seen["teacher"] == {torch.bfloat16}

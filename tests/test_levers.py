@@ -239,6 +239,57 @@ def test_teacher_batch_statistics_equal_momentum_zero_and_leave_stored_ones():
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stored.items())  # nor counted batches
 
 
+@pytest.mark.parametrize("teacher_bn", ["batch", "source"])
+def test_a_teacher_kept_in_bf16_gives_the_same_bf16_squeeze_losses_with_fewer_casts(teacher_bn):
+    """Autocast casts a frozen fp32 teacher's weights again on every call (it caches only weights that
+    require grad); kept in bf16 they need no cast, and the losses and gradients are bit for bit the
+    same. With per-source statistics (estimated outside autocast) the teacher stays fp32."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_cfg(**{"squeeze.kd_weight": 1.0, "squeeze.teacher_bn": teacher_bn, "squeeze.teacher_bn_batches": 1})
+    ref = _squeeze(cfg, expanded(cfg))
+    kept = copy.deepcopy(ref)
+    kept.cast_frozen_for_autocast(torch.bfloat16)
+    teacher_dtypes = {m.weight.dtype for m in kept.teacher.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert teacher_dtypes == ({torch.bfloat16} if teacher_bn == "batch" else {torch.float32})
+    if teacher_bn == "source":
+        images = {k: [{"images": torch.randn(4, 3, SIZE, SIZE)}] for k in ("digits", "scenes", "regions")}
+        for stage in (ref, kept):
+            stage.estimate_source_statistics(loaders=images)
+    results = []
+    for stage in (ref, kept):
+        counter = CountCasts()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = stage(cls_seg_batch())
+        sum(v.float() for v in losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in stage.named_parameters() if p.grad is not None}, counter.casts))
+    (ref_losses, ref_grads, ref_casts), (losses, grads, casts) = results
+    assert set(losses) == set(ref_losses) and {"distill/cls", "distill/seg"} <= set(losses)
+    assert any(k.startswith("kd/") for k in losses), "the teacher's heads (KD) must be in the test"
+    for k in ref_losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=0, atol=0, msg=k)
+    assert set(grads) == set(ref_grads) and len(grads) > 10
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=0, atol=0, msg=k)
+    if teacher_bn == "batch":
+        n_teacher_weights = sum(1 for m in ref.teacher.modules() for p in m.parameters(recurse=False)
+                                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        assert ref_casts - casts >= n_teacher_weights // 2, (ref_casts, casts, n_teacher_weights)
+    else:
+        assert casts == ref_casts
+
+
 def _write_run(run_dir: Path, net, cfg: RunConfig, stage: str) -> Path:
     from xlearner.stages import save_product
 

@@ -271,6 +271,8 @@ def _set_up(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *
     module.to(device)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
+    if amp_dtype is not None and hasattr(module, "cast_frozen_for_autocast"):  # a stage's frozen nets
+        module.cast_frozen_for_autocast(amp_dtype)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(module, cfg, device, lr_scales=lr_scales, decay_1d=decay_1d)
