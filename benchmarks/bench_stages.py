@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlearner.config import RunConfig, load_config
-from xlearner.engine.trainer import _autocast_dtype, build_optimizer, move_to_device
+from xlearner.engine.trainer import _autocast_dtype, build_optimizer, move_to_device, prepare_module
 from xlearner.models.nets import SourceSpec
 
 STAGES = ("msst_cls", "msst_det", "msst_seg", "msmt", "expansion", "squeeze")
@@ -132,14 +132,10 @@ class Runner:
 
     def __init__(self, cfg: RunConfig, stage: str, sources, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.module = build(cfg, stage, sources).to(device)
+        self.module = build(cfg, stage, sources)
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
-        if self.channels_last:
-            self.module.to(memory_format=torch.channels_last)
         amp = _autocast_dtype(cfg.train.amp, device)
-        if amp is not None and hasattr(self.module, "cast_frozen_for_autocast"):  # as the engine does
-            self.module.cast_frozen_for_autocast(amp)
-        self.module.train()
+        prepare_module(self.module, device, self.channels_last, amp)  # as the engine does
         # train.compile=true: the forward (and so its backward) through torch.compile, as the engine does
         self.forward = torch.compile(self.module, mode=cfg.train.compile_mode) if cfg.train.compile else self.module
         self.opt = build_optimizer(self.module, cfg.train, device)

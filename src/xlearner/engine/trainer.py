@@ -258,6 +258,19 @@ def _wrap(module: nn.Module, cfg: TrainConfig, world: int, device: torch.device)
     return model
 
 
+def prepare_module(module: nn.Module, device: torch.device, channels_last: bool,
+                   amp_dtype: torch.dtype | None) -> None:
+    """The module on its device and memory format, in train mode, as it will be stepped; under amp a
+    stage's frozen nets (``cast_frozen_for_autocast``: the squeeze teacher) are kept in the autocast
+    dtype. Shared with benchmarks/bench_stages.py so that what is measured is what trains."""
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    if amp_dtype is not None and hasattr(module, "cast_frozen_for_autocast"):
+        module.cast_frozen_for_autocast(amp_dtype)
+    module.train()
+
+
 def _set_up(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *, resume: bool,
             seed: int | None, device: torch.device | None, lr_scales: dict[str, float] | None,
             decay_1d: bool, distributed: bool) -> _Run:
@@ -268,12 +281,7 @@ def _set_up(module: nn.Module, loader, cfg: TrainConfig, out_dir: Path | None, *
     ckpt_path = ckpt.checkpoint_path(out_dir) if out_dir is not None else None
     if seed is not None:
         ckpt.seed_everything(seed + rank)
-    module.to(device)
-    if cfg.channels_last:
-        module.to(memory_format=torch.channels_last)
-    if amp_dtype is not None and hasattr(module, "cast_frozen_for_autocast"):  # a stage's frozen nets
-        module.cast_frozen_for_autocast(amp_dtype)
-    module.train()
+    prepare_module(module, device, cfg.channels_last, amp_dtype)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(module, cfg, device, lr_scales=lr_scales, decay_1d=decay_1d)
     scheduler = build_scheduler(optimizer, cfg)
