@@ -120,9 +120,10 @@ def test_det_neck_outputs_and_every_parameter_learns(size, shapes):
 
 
 def test_ltrb_giou_loss_equals_torchvision_on_the_decoded_boxes():
-    """GIoU from (l, t, r, b) distances around a shared point equals torchvision's GIoU loss of the
-    decoded corner boxes, in values and gradients: overlapping, disjoint and touching boxes, negative
-    distances (a point outside its box), and a non-square normalisation (w != h)."""
+    """GIoU from (l, t, r, b) distances >= 0 around a shared point (FCOS's domain: ReLU'd predictions,
+    foreground targets) equals torchvision's GIoU loss of the decoded corner boxes, in values and
+    gradients: nested and crossing boxes, equal distances (min/max ties), a predicted point, a
+    corner or an edge through the point (zero distances), and a non-square normalisation (w != h)."""
     from torchvision.ops import generalized_box_iou_loss
 
     from xlearner.models.heads import ltrb_giou_loss
@@ -131,11 +132,11 @@ def test_ltrb_giou_loss_equals_torchvision_on_the_decoded_boxes():
     n = 300
     pred = 2 * torch.rand(n, 4, generator=g)
     target = 0.1 + 2 * torch.rand(n, 4, generator=g)
-    pred[:20, 0], pred[:20, 2] = -3.0, 3.5                           # the box lies right of the point
-    target[:20, 0], target[:20, 2] = 1.0, 0.5                         # ... and the target left of it: disjoint
-    pred[20:30, 0], pred[20:30, 2] = -0.5, 1.0                        # touching edges at x = +0.5
-    target[20:30, 0], target[20:30, 2] = 1.0, 0.5
-    pred[30:60] = 2 * torch.rand(30, 4, generator=g) - 0.5            # some negative distances
+    pred[:20] = 0.0                                                   # a predicted point: zero area, GIoU loss 1
+    pred[20:30, 0], pred[20:30, 3] = 0.0, 0.0                         # the point on the prediction's corner
+    target[30:40, 0] = 0.0                                            # the point on the target's left edge
+    pred[40:60, :2] = target[40:60, :2]                               # equal distances: min/max ties
+    pred[60:70] = 5 * target[60:70]                                   # the prediction holds the target
     center = 50 * torch.rand(n, 2, generator=g)
     size = torch.tensor([6.0, 10.0])                                  # anchor width 6, height 10
 
@@ -149,9 +150,37 @@ def test_ltrb_giou_loss_equals_torchvision_on_the_decoded_boxes():
         loss = fn(p, q)
         (loss * weights).sum().backward()
         results.append((loss.detach(), p.grad, q.grad))
-    assert results[0][0][:20].min() > 1, "disjoint boxes must be in the case (GIoU loss > 1)"
+    assert torch.allclose(results[0][0][:20], torch.ones(20)), "zero-area predictions must be in the case"
+    assert results[0][1][40:60].abs().sum() > 0, "the ties must get a gradient to be a test"
     for ref, ours in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_binary_focal_loss_equals_torchvision(dtype):
+    """The sign-flipped focal loss equals torchvision's sigmoid_focal_loss on 0/1 targets, in value and
+    gradient, from logits of either precision, confident ones (|z| = 30, past softplus's threshold) included."""
+    from torchvision.ops import sigmoid_focal_loss
+
+    from xlearner.models.heads import binary_focal_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(64, 7, generator=g)).to(dtype)
+    logits[0, :4] = torch.tensor([30.0, -30.0, 30.0, -30.0], dtype=dtype)
+    positive = torch.rand(64, 7, generator=g) < 0.2
+    positive[0, :4] = torch.tensor([True, True, False, False])
+    results = []
+    for fn in (lambda z: sigmoid_focal_loss(z.float(), positive.float(), reduction="sum"),
+               lambda z: binary_focal_loss(z, positive)):
+        z = logits.clone().requires_grad_(True)
+        loss = fn(z)
+        loss.backward()
+        assert loss.dtype == torch.float32 and z.grad.dtype == dtype
+        results.append((loss.detach(), z.grad.float()))
+    (ref, ref_grad), (ours, grad) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert ref_grad[0, 1] < -0.1, "a confident miss must be in the case"
 
 
 def test_det_loss_runs_no_operator_that_waits_for_the_device():

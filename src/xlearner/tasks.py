@@ -233,7 +233,8 @@ class DetTask(Task):
             targets = batch  # the boxes are read only if the grids differ: a compiled step sees no box count
         else:  # padded boxes/labels, or a per-image targets list
             targets = batch["targets"] if "targets" in batch else (batch["boxes"], batch["labels"])
-        return sum(head.losses(neck_out, image_size_of(batch["images"]), targets).values())
+        cls, reg, ctr = head.losses(neck_out, image_size_of(batch["images"]), targets).values()
+        return cls + reg + ctr  # not sum(): its start, 0 + cls, is one more operator
 
     def target_encoder(self, head, image_size):
         return head.target_encoder(image_size)  # FCOS's matching and target encoding, in the workers
@@ -387,7 +388,9 @@ def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Ten
                 weight_table: Tensor | None = None) -> Tensor:
     """:func:`seg_loss` over the pixels ``pixels`` (B,P) (flat indices into the (H,W) masks) only."""
     h, w = masks.shape[-2:]
-    grid = pixel_centres(h, w, logits.dtype, logits.device)[pixels].unsqueeze(1)  # (B, 1, P, 2)
+    # float32 even under bf16 autocast: grid_sample runs in float32 there, and bf16 would move a
+    # 96 px mask's pixel centres by up to 0.2 px
+    grid = pixel_centres(h, w, torch.float32, logits.device)[pixels].unsqueeze(1)  # (B, 1, P, 2)
     sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight, weight_table)
 

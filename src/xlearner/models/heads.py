@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import FeaturePyramidNetwork, sigmoid_focal_loss
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 
@@ -194,37 +194,50 @@ def ltrb_targets(anchors: Tensor, boxes: Tensor) -> Tensor:
 
 def ltrb_giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """torchvision's ``generalized_box_iou_loss`` (reduction "none") of two boxes given as distances
-    (l, t, r, b) from one shared point, as FCOS predicts them, without decoding them to corners.
+    (l, t, r, b) >= 0 from one shared point, as FCOS has them (its ReLU'd predictions, its foreground
+    targets), without decoding them to corners.
 
-    With both boxes around the same point the overlap's width is min(l, l') + min(r, r') (and the
-    enclosing box's max(l, l') + max(r, r')), whatever the signs; the anchor-size normalisation
-    scales every area by the same w x h, which IoU and GIoU do not see. So the values and gradients
-    are torchvision's on the decoded boxes (to float rounding and ``eps``), in about half the
-    operators of decoding and then intersecting corners. No boolean-mask indexing: torchvision
-    writes the intersection as ``inter[mask] = ...``, a ``nonzero`` whose output size the host
-    must read, so every det step on CUDA waited for the GPU there; ``clamp`` gives the same."""
-    def area(wh: Tensor) -> Tensor:  # not prod(): its backward checks for zeros on the host
-        w, h = wh.unbind(dim=-1)
-        return w * h
-
+    Both boxes hold the point, so they always overlap: the overlap's width is min(l, l') + min(r, r')
+    >= 0 (and the enclosing box's max(l, l') + max(r, r')), where torchvision must clamp. The
+    anchor-size normalisation scales every area by the same w x h, which IoU and GIoU do not see.
+    The four boxes' widths and heights come from one stacked sum, and torchvision's
+    1 - (iou - (area_c - union) / (area_c + eps)) is written 2 - inter / (union + eps) -
+    (union + eps) / (area_c + eps), the same value with one division fewer. So the values and
+    gradients are torchvision's on the decoded boxes (to float rounding), in about half the
+    operators of decoding and then intersecting corners, and no boolean-mask indexing (torchvision's
+    ``inter[mask] = ...`` is a ``nonzero`` whose output size the host must read: every det step on
+    CUDA waited for the GPU there)."""
     # (..., 2, 2) views [[l, t], [r, b]]: a sum over dim -2 gives (width, height)
     pred, target = pred.unflatten(-1, (2, 2)), target.unflatten(-1, (2, 2))
-    area_p, area_t = area(pred.sum(dim=-2)), area(target.sum(dim=-2))
-    inter = area(torch.minimum(pred, target).sum(dim=-2).clamp(min=0))
-    area_c = area(torch.maximum(pred, target).sum(dim=-2))
-    union = area_p + area_t - inter
-    iou = inter / (union + eps)
-    return 1 - (iou - (area_c - union) / (area_c + eps))
+    boxes = torch.stack([pred, target, torch.minimum(pred, target), torch.maximum(pred, target)], dim=-3)
+    width, height = boxes.sum(dim=-2).unbind(dim=-1)  # not prod(): its backward checks for zeros on the host
+    area_p, area_t, inter, area_c = (width * height).unbind(dim=-1)
+    union = area_p + area_t - inter + eps
+    return 2 - inter / union - union / (area_c + eps)
 
 
-FCOS_TARGET_KEYS = ("fcos_labels", "fcos_ltrb", "fcos_ctr")
+def binary_focal_loss(logits: Tensor, positive: Tensor, alpha: float = 0.25) -> Tensor:
+    """torchvision's ``sigmoid_focal_loss`` (gamma 2, reduction "sum") for 0/1 targets ``positive``
+    (bool), in about half its operators. With s = -z on positives and z elsewhere, 1 - p_t is
+    sigmoid(s) and the cross-entropy is softplus(s): one sign flip instead of torchvision's mixing of
+    p and 1 - p by the target. ``logits`` may be bf16: the product with the sign is float32."""
+    sign = 1.0 - 2.0 * positive  # -1 on positives, 1 elsewhere (float32; two operators, where() takes three)
+    s = logits * sign
+    q = torch.sigmoid(s)
+    alpha_t = 0.5 + (0.5 - alpha) * sign  # alpha on positives, 1 - alpha elsewhere
+    return (q * q * F.softplus(s) * alpha_t).sum()
+
+
+FCOS_TARGET_KEYS = ("fcos_labels", "fcos_ltrb", "fcos_ctr", "fcos_weight", "fcos_norm")
 
 
 def fcos_targets(anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """What FCOS's loss reads from the boxes, per anchor (no prediction enters it): ``fcos_labels``
     (B, A) the matched box's class, -1 on background; ``fcos_ltrb`` (B, A, 4) its regression target
     (:func:`ltrb_targets`; background: a unit box around the anchor's own centre, finite terms that
-    the loss weights by zero); ``fcos_ctr`` (B, A) its centerness target (0 on background)."""
+    the loss weights by zero); ``fcos_ctr`` (B, A) its centerness target (0 on background);
+    ``fcos_norm`` (B,) 1 / max(1, foreground anchors of the batch), torchvision's normaliser, the
+    same in every image; ``fcos_weight`` (B, A) the foreground indicator times it."""
     fg = matched >= 0
     idx = matched.clamp(min=0)
     gt_boxes = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))  # (B, A, 4)
@@ -233,29 +246,42 @@ def fcos_targets(anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor
     # centerness: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)), on the (2, 2) view [[l, t], [r, b]]
     pairs = reg_targets.unflatten(-1, (2, 2))
     ratios = pairs.amin(dim=-2) / pairs.amax(dim=-2)
-    gt_ctr = (ratios[..., 0] * ratios[..., 1]).sqrt() * fg.to(torch.float32)
-    return {"fcos_labels": gt_labels, "fcos_ltrb": reg_targets, "fcos_ctr": gt_ctr}
+    fg_weight = fg.to(torch.float32)
+    gt_ctr = (ratios[..., 0] * ratios[..., 1]).sqrt() * fg_weight
+    norm = fg_weight.sum().clamp(min=1).reciprocal()
+    return {"fcos_labels": gt_labels, "fcos_ltrb": reg_targets, "fcos_ctr": gt_ctr,
+            "fcos_weight": fg_weight * norm, "fcos_norm": norm.expand(fg.shape[0]).clone()}
+
+
+_CLASS_INDICES: dict = {}
+
+
+def class_indices(num_classes: int, device: torch.device) -> Tensor:
+    """``arange(num_classes)`` on ``device``, cached in eager mode (one operator less per det step);
+    computed in the graph under torch.compile, as the anchors are."""
+    if torch.compiler.is_compiling():
+        return torch.arange(num_classes, device=device)
+    key = (num_classes, device)
+    if key not in _CLASS_INDICES:
+        _CLASS_INDICES[key] = torch.arange(num_classes, device=device)
+    return _CLASS_INDICES[key]
 
 
 def fcos_loss_on_targets(head_outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
     """torchvision FCOSHead.compute_loss over the batch at once, on :func:`fcos_targets`: sigmoid
-    focal loss, GIoU loss and centerness BCE, each summed and divided by max(1, foreground count).
-    Masked sums instead of boolean indexing, and the count stays on the device: no host
-    synchronisation. The boxes stay in FCOS's (l, t, r, b) form throughout (:func:`ltrb_giou_loss`):
-    the det step's cost on a GPU follows its operator count (docs/performance.md)."""
-    cls_logits = head_outputs["cls_logits"].float()                       # (B, A, K)
+    focal loss (:func:`binary_focal_loss`), GIoU loss and centerness BCE, each summed and divided by
+    max(1, foreground count). Weighted sums instead of boolean indexing, and the count comes with the
+    targets: no host synchronisation. The boxes stay in FCOS's (l, t, r, b) form throughout
+    (:func:`ltrb_giou_loss`): the det step's cost on a GPU follows its operator count
+    (docs/performance.md)."""
+    cls_logits = head_outputs["cls_logits"]                               # (B, A, K)
     bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
     ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
-    gt_labels, reg_targets, gt_ctr = (targets[k] for k in FCOS_TARGET_KEYS)
-    fg_weight = (gt_labels >= 0).to(torch.float32)
-    num_fg = fg_weight.sum().clamp(min=1)
-    classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)
-    onehot = (gt_labels[..., None] == classes).to(cls_logits.dtype)       # background (-1): all zero
-    loss_cls = sigmoid_focal_loss(cls_logits, onehot, reduction="sum")
-    loss_reg = (ltrb_giou_loss(bbox_regression, reg_targets) * fg_weight).sum()
-    loss_ctr = F.binary_cross_entropy_with_logits(ctrness, gt_ctr, weight=fg_weight, reduction="sum")
-    return {"classification": loss_cls / num_fg, "bbox_regression": loss_reg / num_fg,
-            "bbox_ctrness": loss_ctr / num_fg}
+    gt_labels, reg_targets, gt_ctr, weight, norm = (targets[k] for k in FCOS_TARGET_KEYS)
+    positive = gt_labels[..., None] == class_indices(cls_logits.shape[-1], cls_logits.device)  # background (-1): none
+    return {"classification": binary_focal_loss(cls_logits, positive) * norm[0],
+            "bbox_regression": (ltrb_giou_loss(bbox_regression, reg_targets) * weight).sum(),
+            "bbox_ctrness": F.binary_cross_entropy_with_logits(ctrness, gt_ctr, weight=weight, reduction="sum")}
 
 
 def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor,
@@ -329,7 +355,8 @@ class FusedFCOSHead(nn.Module):
             n = cls_t.shape[0]
             logits.append(self.cls_logits(cls_t).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
             boxes.append(self.box(reg_t).permute(0, 2, 3, 1).reshape(n, -1, 5))
-        reg, ctr = torch.cat(boxes, dim=1).split([4, 1], dim=2)
+        # the distances and centerness in float32 (the loss and the box decoding read them so): one cast, not two
+        reg, ctr = torch.cat(boxes, dim=1).float().split([4, 1], dim=2)
         return {"cls_logits": torch.cat(logits, dim=1), "bbox_regression": F.relu(reg), "bbox_ctrness": ctr}
 
 

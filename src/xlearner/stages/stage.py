@@ -104,7 +104,8 @@ class NetStage(Stage):
         task = self.specs[source].task
         th = self.net.task_heads
         loss = tasks.get(task).loss(th.heads[source], th.necks[task](features), batch)
-        return loss * self.loss_weights[source]
+        weight = self.loss_weights[source]
+        return loss if weight == 1.0 else loss * weight  # x * 1.0 is x: two operators a step saved
 
     def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
         return {source: self.source_loss(source, self.features(b["images"], self.specs[source].task), b)
