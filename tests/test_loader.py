@@ -154,6 +154,31 @@ def test_eval_loader_is_finite_and_ordered():
     assert torch.equal(batches[0]["images"], again[0]["images"])
 
 
+def test_seg_point_targets_are_drawn_in_the_workers_and_differ_between_batches():
+    """The seg point loss's pixels are drawn in the worker (SegPointTargets), fresh for every batch,
+    and their labels are those of the batch's own masks."""
+    from xlearner.tasks import SegPointTargets
+
+    kw = dict(seed=3, num_workers=1)
+    data = {"s": TinyDataset("seg", 7)}
+    tf = {"s": build_transform("seg", 16, train=True, augment=AUG["seg"])}
+    loader = MultiSourceLoader(data, {"s": 3}, tf, {"s": "seg"}, target_encoders={"s": SegPointTargets(20, None)}, **kw)
+    try:
+        grids = []
+        for _ in range(3):
+            b = next(loader)["s"]
+            grid, labels = b["seg_point_grid"], b["seg_point_labels"]
+            assert grid.shape == (3, 1, 20, 2) and labels.shape == (3, 1, 20)
+            # the grid's pixel centres, back to pixels, give the labels the masks hold there
+            x = ((grid[..., 0] + 1) / 2 * 16 - 0.5).round().long()
+            y = ((grid[..., 1] + 1) / 2 * 16 - 0.5).round().long()
+            assert torch.equal(b["masks"][torch.arange(3)[:, None, None], y, x], labels)
+            grids.append(grid)
+        assert not torch.equal(grids[0], grids[1])
+    finally:
+        loader.close()
+
+
 def test_target_encoders_run_in_the_workers_on_the_padded_det_batch():
     """``target_encoders`` (the stage's FCOS matching) is applied in the worker to the collated batch:
     the batches are those of a loader without it, plus the encoded targets of exactly those boxes."""

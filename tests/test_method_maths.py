@@ -287,6 +287,41 @@ def test_seg_loss_at_reads_the_labels_and_logits_of_the_drawn_pixels():
     assert float(wrong) == pytest.approx(math.log(2), rel=1e-5)
 
 
+@pytest.mark.parametrize("background_weight", [1.0, 0.1])
+def test_points_drawn_by_the_loader_give_the_point_loss_of_the_same_pixels(background_weight):
+    """SegPointTargets (in the workers) then SegTask.loss equal point_seg_loss drawing the same pixels
+    in the step, in value and gradient: ignored pixels, class weights and quarter-stride logits."""
+    from xlearner.tasks import SegPointTargets, background_weights, point_seg_loss, seg_loss_on_points
+
+    g = torch.Generator().manual_seed(1)
+    masks = torch.randint(0, 4, (3, 32, 32), generator=g)
+    masks[:, :5] = 255
+    logits = torch.randn(3, 4, 8, 8, generator=g)
+    cw = background_weights(4, background_weight)
+    results = []
+    for encoded in (False, True):
+        z = logits.clone().requires_grad_(True)
+        torch.manual_seed(7)  # both draw from torch's RNG: the same pixels
+        if encoded:
+            batch = SegPointTargets(256, cw)({"masks": masks})
+            assert batch["seg_point_grid"].shape == (3, 1, 256, 2) and batch["seg_point_grid"].dtype == torch.float32
+            loss = seg_loss_on_points(z, batch, cw)
+        else:
+            loss = point_seg_loss(z, masks, 256, cw)
+        loss.backward()
+        results.append((loss.detach(), z.grad))
+    (ref, ref_grad), (ours, grad) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert ref_grad.abs().sum() > 0
+    ignored = SegPointTargets(16, cw)({"masks": torch.full((2, 8, 8), 255)})
+    z = torch.randn(2, 4, 2, 2, requires_grad=True)
+    loss = seg_loss_on_points(z, ignored, cw)
+    assert loss.requires_grad and float(loss.detach()) == 0.0  # every point ignored: 0, graph kept
+    whole = {"masks": masks}
+    assert SegPointTargets(32 * 32, cw)(whole) is whole  # as many points as pixels: the full loss, in the step
+
+
 def test_point_seg_loss_estimates_the_full_loss_without_bias():
     """A position-dependent loss: a sampler that favoured some rows or columns would be biased."""
     from xlearner.tasks import point_seg_loss

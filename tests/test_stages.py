@@ -350,6 +350,28 @@ def test_det_steps_read_the_targets_their_loader_matched(data_root, tmp_path, mo
     assert seen == [anchors] * 3
 
 
+def test_seg_steps_read_the_points_their_loader_drew(data_root, tmp_path, monkeypatch):
+    """With seg_loss_points, every seg step's loss reads the pixels the training loader's workers drew
+    (SegPointTargets), none draws in the step (their equality is tests/test_method_maths.py's)."""
+    from xlearner import tasks
+
+    seen, real, drawn = [], tasks.seg_loss_on_points, tasks.point_seg_loss
+
+    def on_points(logits, batch, class_weight=None):
+        seen.append(int(batch["seg_point_labels"].shape[-1]))
+        return real(logits, batch, class_weight)
+
+    def in_step(*args, **kwargs):
+        raise AssertionError("a seg step drew its points itself")
+
+    monkeypatch.setattr(tasks, "seg_loss_on_points", on_points)
+    monkeypatch.setattr(tasks, "point_seg_loss", in_step)
+    cfg = tiny_config(data_root, steps=3, **{"baselines.msst_task": "seg", "baselines.steps": 3,
+                                             "train.num_workers": 1, "seg_loss_points": 64})
+    _run(cfg, "msst", tmp_path / "msst")
+    assert seen == [64] * 3
+
+
 def test_stage_validation_builds_its_batches_once_per_process(data_root, tmp_path, monkeypatch):
     """A stage validates each source with its trained and with precise-BN statistics, and every stage
     of a job validates the same sources: their val and precise-BN batches are built once per process

@@ -9,8 +9,9 @@ call (tests/test_tasks.py trains an msmt run on a toy regression task that way).
 The batch layouts (``collate``): cls ``{"images", "labels" (B,)}``; det ``{"images", "targets":
 [{"boxes" (n,4) xyxy px, "labels" (n,)}]}`` or, padded for training, ``{"images", "boxes"
 (B,M,4), "labels" (B,M), -1 = padding}``, to which the training loader's workers add FCOS's
-matched targets ``"fcos_labels", "fcos_ltrb", "fcos_ctr"`` (``target_encoder``); seg ``{"images",
-"masks" (B,H,W), 255 = ignore}``.
+matched targets ``"fcos_labels", "fcos_ltrb", "fcos_ctr", "fcos_weight", "fcos_norm"``
+(``target_encoder``); seg ``{"images", "masks" (B,H,W), 255 = ignore}``, to which they add the point
+loss's drawn pixels ``"seg_point_grid", "seg_point_labels", "seg_point_norm"``.
 """
 from __future__ import annotations
 
@@ -384,15 +385,61 @@ def pixel_centres(h: int, w: int, dtype: torch.dtype, device: torch.device) -> T
     return _PIXEL_CENTRES[key]
 
 
+def point_grid(pixels: Tensor, h: int, w: int) -> Tensor:
+    """(B, 1, P, 2) ``grid_sample`` coordinates of the pixels ``pixels`` (B, P) (flat indices into (h, w)
+    masks). float32 even under bf16 autocast: grid_sample runs in float32 there, and bf16 would move a
+    96 px mask's pixel centres by up to 0.2 px."""
+    return pixel_centres(h, w, torch.float32, pixels.device)[pixels].unsqueeze(1)
+
+
+def sample_logits(logits: Tensor, grid: Tensor) -> Tensor:
+    """(B, K, 1, P) logits bilinearly sampled at ``grid`` (:func:`point_grid`): the values upsampling them to the masks would give there."""
+    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def seg_loss_at(logits: Tensor, masks: Tensor, pixels: Tensor, class_weight: Tensor | None = None,
                 weight_table: Tensor | None = None) -> Tensor:
     """:func:`seg_loss` over the pixels ``pixels`` (B,P) (flat indices into the (H,W) masks) only."""
     h, w = masks.shape[-2:]
-    # float32 even under bf16 autocast: grid_sample runs in float32 there, and bf16 would move a
-    # 96 px mask's pixel centres by up to 0.2 px
-    grid = pixel_centres(h, w, torch.float32, logits.device)[pixels].unsqueeze(1)  # (B, 1, P, 2)
-    sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = sample_logits(logits, point_grid(pixels, h, w))
     return seg_loss(sampled, masks.flatten(1).gather(1, pixels).unsqueeze(1), class_weight, weight_table)
+
+
+SEG_POINT_KEYS = ("seg_point_grid", "seg_point_labels", "seg_point_norm")
+
+
+class SegPointTargets:
+    """The pixels of a seg batch's point loss (:func:`point_seg_loss`), drawn where the batch is built:
+    in the training loader's workers, from their torch RNG. Drawing them, reading their labels and
+    grid coordinates and the loss's normaliser read only the masks, so doing it there takes seven
+    operators off every seg step (docs/performance.md), as :class:`~xlearner.models.heads.FCOSTargets`
+    does for det. Adds ``seg_point_grid`` (B, 1, P, 2), ``seg_point_labels`` (B, 1, P) and
+    ``seg_point_norm`` (B,), 1 / the points' total CE weight (the same in every image); the masks stay
+    in the batch. Picklable (DataLoader workers): it holds the point count and the CPU weight table."""
+
+    def __init__(self, points: int, class_weight: Tensor | None):
+        self.points = int(points)
+        self.table = None if class_weight is None else pixel_weight_table(class_weight.detach().cpu().float())
+
+    def __call__(self, batch: dict) -> dict:
+        masks = batch["masks"]
+        b, (h, w) = masks.shape[0], masks.shape[-2:]
+        if self.points >= h * w:  # point_seg_loss scores every pixel then
+            return batch
+        pixels = torch.rand(b, h * w).topk(self.points, dim=1).indices
+        labels = masks.flatten(1).gather(1, pixels).to(torch.int64)
+        weight = (labels != IGNORE_INDEX).sum().clamp(min=1) if self.table is None else \
+            self.table[labels].sum().clamp(min=1e-12)
+        return {**batch, "seg_point_grid": point_grid(pixels, h, w), "seg_point_labels": labels.unsqueeze(1),
+                "seg_point_norm": weight.to(torch.float32).reciprocal().expand(b).clone()}
+
+
+def seg_loss_on_points(logits: Tensor, batch: dict, class_weight: Tensor | None = None) -> Tensor:
+    """:func:`seg_loss_at` on the points :class:`SegPointTargets` drew: sampling and cross-entropy only."""
+    grid, labels, norm = (batch[k] for k in SEG_POINT_KEYS)
+    total = F.cross_entropy(sample_logits(logits, grid), labels, weight=class_weight, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total * norm[0]
 
 
 def head_seg_loss(head, logits: Tensor, masks: Tensor) -> Tensor:
@@ -443,7 +490,13 @@ class SegTask(Task):
         return head
 
     def loss(self, head, neck_out, batch):
+        if SEG_POINT_KEYS[0] in batch:  # the training loader's drawn points (target_encoder)
+            return seg_loss_on_points(head.logits(neck_out), batch, head.class_weight)
         return head_seg_loss(head, head.logits(neck_out), batch["masks"])
+
+    def target_encoder(self, head, image_size):
+        points = getattr(head, "loss_points", 0)  # the point loss's pixels, drawn in the workers
+        return SegPointTargets(points, head.class_weight) if points else None
 
     def predict(self, head, neck_out, images):
         return head(neck_out, image_size_of(images))
