@@ -330,10 +330,16 @@ def seg_loss(logits: Tensor, masks: Tensor, class_weight: Tensor | None = None,
 
         logits = resize_bilinear(logits, size=masks.shape[-2:])
     total = F.cross_entropy(logits, masks, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / seg_weight_total(masks, class_weight, weight_table)
+
+
+def seg_weight_total(masks: Tensor, class_weight: Tensor | None = None, weight_table: Tensor | None = None) -> Tensor:
+    """:func:`seg_loss`'s divisor: the CE weights of the pixels not ignored, summed (at least 1 pixel,
+    or 1e-12 of weight, so that an all-ignored mask gives 0)."""
     if class_weight is None:
-        return total / (masks != IGNORE_INDEX).sum().clamp(min=1)
+        return (masks != IGNORE_INDEX).sum().clamp(min=1)
     table = pixel_weight_table(class_weight) if weight_table is None else weight_table
-    return total / table[masks].sum().clamp(min=1e-12)
+    return table[masks].sum().clamp(min=1e-12)
 
 
 def pixel_weight_table(class_weight: Tensor) -> Tensor:
@@ -353,11 +359,19 @@ def point_seg_loss(logits: Tensor, masks: Tensor, points: int, class_weight: Ten
     ``logits`` stay at the head's stride: they are sampled bilinearly at the drawn pixels' centres,
     which gives the values that upsampling them to the mask size would have there, without computing
     the others. Per-pixel CE at the input size costs about as much as a light seg head on a CPU."""
+    pixels = draw_pixels(masks, points)
+    if pixels is None:
+        return seg_loss(logits, masks, class_weight, weight_table)
+    return seg_loss_at(logits, masks, pixels, class_weight, weight_table)
+
+
+def draw_pixels(masks: Tensor, points: int) -> Tensor | None:
+    """(B, points) flat pixel indices per image of (B, H, W) ``masks``, uniform without replacement from
+    torch's RNG; None where ``points`` >= H * W (then every pixel is scored)."""
     b, (h, w) = masks.shape[0], masks.shape[-2:]
     if points >= h * w:
-        return seg_loss(logits, masks, class_weight, weight_table)
-    pixels = torch.rand(b, h * w, device=masks.device).topk(points, dim=1).indices
-    return seg_loss_at(logits, masks, pixels, class_weight, weight_table)
+        return None
+    return torch.rand(b, h * w, device=masks.device).topk(points, dim=1).indices
 
 
 _PIXEL_CENTRES: dict = {}
@@ -367,6 +381,8 @@ def pixel_centres(h: int, w: int, dtype: torch.dtype, device: torch.device) -> T
     """(h*w, 2): the ``grid_sample`` coordinates (x, y) of each pixel centre of an (h, w) mask, by
     flat index. Cached per shape in eager mode (one gather per step instead of thirteen operators);
     computed in the graph under torch.compile, as the det anchors are."""
+    from xlearner.models.heads import cached_tensor
+
     def compute() -> Tensor:
         flat = torch.arange(h * w, device=device)
         ys, xs = (flat // w).to(dtype), (flat % w).to(dtype)
@@ -375,14 +391,7 @@ def pixel_centres(h: int, w: int, dtype: torch.dtype, device: torch.device) -> T
         # that pixel, and border padding is its clamping at the edges
         return torch.stack(((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1), dim=-1)
 
-    if torch.compiler.is_compiling():
-        return compute()
-    key = (h, w, dtype, device)
-    if key not in _PIXEL_CENTRES:
-        if len(_PIXEL_CENTRES) > 16:
-            _PIXEL_CENTRES.clear()
-        _PIXEL_CENTRES[key] = compute()
-    return _PIXEL_CENTRES[key]
+    return cached_tensor(_PIXEL_CENTRES, (h, w, dtype, device), compute)
 
 
 def point_grid(pixels: Tensor, h: int, w: int) -> Tensor:
@@ -419,19 +428,18 @@ class SegPointTargets:
 
     def __init__(self, points: int, class_weight: Tensor | None):
         self.points = int(points)
-        self.table = None if class_weight is None else pixel_weight_table(class_weight.detach().cpu().float())
+        self.class_weight = None if class_weight is None else class_weight.detach().cpu().float()
+        self.table = None if class_weight is None else pixel_weight_table(self.class_weight)
 
     def __call__(self, batch: dict) -> dict:
         masks = batch["masks"]
-        b, (h, w) = masks.shape[0], masks.shape[-2:]
-        if self.points >= h * w:  # point_seg_loss scores every pixel then
+        pixels = draw_pixels(masks, self.points)
+        if pixels is None:  # point_seg_loss scores every pixel then
             return batch
-        pixels = torch.rand(b, h * w).topk(self.points, dim=1).indices
         labels = masks.flatten(1).gather(1, pixels).to(torch.int64)
-        weight = (labels != IGNORE_INDEX).sum().clamp(min=1) if self.table is None else \
-            self.table[labels].sum().clamp(min=1e-12)
-        return {**batch, "seg_point_grid": point_grid(pixels, h, w), "seg_point_labels": labels.unsqueeze(1),
-                "seg_point_norm": weight.to(torch.float32).reciprocal().expand(b).clone()}
+        norm = seg_weight_total(labels, self.class_weight, self.table).to(torch.float32).reciprocal()
+        return {**batch, "seg_point_grid": point_grid(pixels, *masks.shape[-2:]), "seg_point_labels": labels.unsqueeze(1),
+                "seg_point_norm": norm.expand(masks.shape[0]).clone()}
 
 
 def seg_loss_on_points(logits: Tensor, batch: dict, class_weight: Tensor | None = None) -> Tensor:

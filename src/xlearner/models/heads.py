@@ -253,18 +253,25 @@ def fcos_targets(anchors: Tensor, matched: Tensor, boxes: Tensor, labels: Tensor
             "fcos_weight": fg_weight * norm, "fcos_norm": norm.expand(fg.shape[0]).clone()}
 
 
+def cached_tensor(store: dict, key: tuple, compute) -> Tensor:
+    """``compute()``, kept in ``store`` under ``key`` in eager mode (a tensor that depends only on shapes
+    and the device, built once instead of every step); under torch.compile computed in the graph,
+    because a cache read there would recompile the step once the cache is filled. At most 17 keys."""
+    if torch.compiler.is_compiling():
+        return compute()
+    if key not in store:
+        if len(store) > 16:
+            store.clear()
+        store[key] = compute()
+    return store[key]
+
+
 _CLASS_INDICES: dict = {}
 
 
 def class_indices(num_classes: int, device: torch.device) -> Tensor:
-    """``arange(num_classes)`` on ``device``, cached in eager mode (one operator less per det step);
-    computed in the graph under torch.compile, as the anchors are."""
-    if torch.compiler.is_compiling():
-        return torch.arange(num_classes, device=device)
-    key = (num_classes, device)
-    if key not in _CLASS_INDICES:
-        _CLASS_INDICES[key] = torch.arange(num_classes, device=device)
-    return _CLASS_INDICES[key]
+    """``arange(num_classes)`` on ``device`` (:func:`cached_tensor`: one operator less per det step)."""
+    return cached_tensor(_CLASS_INDICES, (num_classes, device), lambda: torch.arange(num_classes, device=device))
 
 
 def fcos_loss_on_targets(head_outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -418,14 +425,8 @@ class DetHead(FCOS):
         recompile the step once it is filled)."""
         h, w = int(image_size[0]), int(image_size[1])
         grids = tuple(tuple(int(v) for v in f.shape[-2:]) for f in features)
-        if torch.compiler.is_compiling():
-            return self._anchors(h, w, grids, features[0].device)
         key = (h, w, grids, features[0].device)
-        if key not in self._anchor_cache:
-            if len(self._anchor_cache) > 16:
-                self._anchor_cache.clear()
-            self._anchor_cache[key] = self._anchors(*key)
-        return self._anchor_cache[key]
+        return cached_tensor(self._anchor_cache, key, lambda: self._anchors(*key))
 
     def _anchors(self, h: int, w: int, grids: tuple, device: torch.device) -> Tensor:
         # AnchorGenerator reads only shapes, dtype and device: empty float32 stand-ins (float32
