@@ -23,12 +23,17 @@ Levers (each a ``squeeze`` option, default = the behaviour above; see docs/lever
   ``"distill/<u>"`` averages over every batch, not only the batches of task u;
 - ``distill_loss``: ``l2`` (above), ``cosine`` (1 - cos of each image's whole map) or ``cka``
   (1 - linear CKA between student and teacher, pixels of the batch as samples; the presets
-  ``default``, ``gpu`` and ``quick`` use it: it won seg on validation at five upstream seeds);
+  ``default``, ``gpu`` and ``quick`` use it: it won seg on validation at five upstream seeds). CKA is
+  computed from each pair's Gram matrix with the adapter applied to it (``adapted_cka_loss``), all
+  pairs of a stage at once; its adapters have no bias, which CKA's centring would cancel;
 - ``teacher_bn: source``: the teacher (and the generalist) normalise a batch of source k with
   precise-BN statistics estimated once on source k's training images, instead of batch statistics;
 - ``generalist`` (Representation Consolidation): a single-backbone run (e.g. the MSMT baseline) as
   an extra teacher on every batch, through its own adapters: ``"distill/generalist"``, weight
   ``generalist_weight``.
+
+The frozen teacher runs as ``GroupedBranches`` (its branches, and the batches of sources of one
+shape, side by side: the same features in fewer operators) unless ``teacher_bn: source``.
 
 The teacher and the adapters are not part of the product: ``product()`` is the student
 SharedNet alone. The teacher is kept outside the module tree (so it is neither optimised,
@@ -42,6 +47,7 @@ from torch import Tensor, nn
 
 from xlearner import tasks
 from xlearner.config import ConfigError, RunConfig
+from xlearner.models.grouped import GroupedBranches, NotGroupable
 from xlearner.models.heads import resize_bilinear
 from xlearner.stages.common import estimate_bn_statistics, head_options
 from xlearner.stages.expansion import build_expanded_net
@@ -89,15 +95,16 @@ def build_student(cfg: RunConfig, specs: list, teacher: nn.Module) -> nn.Module:
     return SharedNet(backbone, heads)
 
 
-def _dirac_conv(channels: int, out_channels: int | None = None) -> nn.Conv2d:
+def _dirac_conv(channels: int, out_channels: int | None = None, bias: bool = True) -> nn.Conv2d:
     """1x1 adapter, the identity at init (a plain init when the teacher's width differs)."""
     out_channels = out_channels or channels
-    conv = nn.Conv2d(channels, out_channels, 1)
+    conv = nn.Conv2d(channels, out_channels, 1, bias=bias)
     if out_channels == channels:
         with torch.no_grad():
             conv.weight.zero_()
             conv.weight[:, :, 0, 0].copy_(torch.eye(channels))
-            conv.bias.zero_()
+            if bias:
+                conv.bias.zero_()
     return conv
 
 
@@ -144,6 +151,35 @@ def cka_distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 DISTILL_LOSSES = {"l2": feature_distill_loss, "cosine": cosine_distill_loss, "cka": cka_distill_loss}
+
+
+def centred_gram(student: Tensor, teacher: Tensor) -> Tensor:
+    """(c + d, c + d) Gram matrix of the column-centred [student | teacher] channels, every pixel of the
+    batch a sample (float32): the three products linear CKA needs, from one matrix product.
+
+    The means are subtracted without a gradient: CKA does not change when a channel is shifted, so its
+    gradient at centred features is already centred, and the centring's backward would change nothing."""
+    student = _at_size_of(student, teacher)
+    with torch.autocast(student.device.type, enabled=False):
+        # one copy: channels last and side by side (a view on a channels_last GPU tensor)
+        z = torch.cat([student.permute(0, 2, 3, 1), teacher.permute(0, 2, 3, 1)], dim=3).flatten(0, 2).float()
+        z = z - z.mean(0, keepdim=True).detach()
+        return z.T @ z
+
+
+def adapted_cka_loss(grams: Tensor, adapters: Tensor) -> Tensor:
+    """1 - linear CKA between A x and y for a batch of items, from their ``centred_gram``s (K, c + d, c + d)
+    and 1x1 adapters A (K, d, c): ``cka_distill_loss(adapter(x), y)`` without the adapter's pass over pixels.
+
+    The adapter is linear, so the centred Grams of A x are A G_xx A^T and A G_xy: A acts on c x c
+    matrices. Its bias is removed by the centring: CKA does not depend on it, so CKA adapters have none."""
+    c = adapters.shape[2]
+    with torch.autocast(grams.device.type, enabled=False):
+        adapters = adapters.float()
+        cross = (grams[:, c:, :c] @ adapters.mT).pow(2).sum((1, 2))
+        norm = torch.linalg.matrix_norm(adapters @ grams[:, :c, :c] @ adapters.mT) * \
+            torch.linalg.matrix_norm(grams[:, c:, c:].detach())  # the teacher's alone: no gradient
+        return 1 - cross / norm.clamp_min(1e-12)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -218,9 +254,11 @@ class SqueezeStage(NetStage):
         self.all_teachers = sq.distill_teachers == "all"
         branches = list(teacher.backbones.keys()) if self.all_teachers else self.tasks
         chans = self.net.backbone.channels
-        # adapters exist only when used: an unused parameter would stall DDP
+        # adapters exist only when used: an unused parameter would stall DDP (so CKA's have no bias)
+        self.batched_cka = sq.distill_loss == "cka"
+        bias = not self.batched_cka
         self.adapters = nn.ModuleDict({
-            t: nn.ModuleList(_dirac_conv(chans[i - 1]) for i in self.distill_stages) for t in branches
+            t: nn.ModuleList(_dirac_conv(chans[i - 1], bias=bias) for i in self.distill_stages) for t in branches
         }) if self.distill_weight > 0 and self.distill_stages else nn.ModuleDict()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: frozen, unsaved, not optimised
         teacher.eval()
@@ -233,13 +271,64 @@ class SqueezeStage(NetStage):
             if len(g_chans) != n_feats:
                 raise ConfigError(f"squeeze.generalist has {len(g_chans)} feature stages, the student {n_feats}: "
                                   f"use a run of the same backbone architecture")
-            self.generalist_adapters = nn.ModuleList(_dirac_conv(chans[i - 1], g_chans[i - 1])
+            self.generalist_adapters = nn.ModuleList(_dirac_conv(chans[i - 1], g_chans[i - 1], bias=bias)
                                                      for i in self.distill_stages)
         self._source_stats: dict[str, list] | None = None
+        self._mix, self._mix_key = None, None  # the (keys x pairs) weights of the batched CKA
         if self.teacher_bn == "batch":
             use_batch_statistics(teacher)
             if self.generalist is not None:
                 use_batch_statistics(self.generalist)
+        self._group_teacher()
+
+    def _group_teacher(self) -> None:
+        """The teacher's branches side by side (``GroupedBranches``: the same features in about a third of
+        the operators), and the batches of sources of one image size and batch size side by side too;
+        rebuilt whenever the teacher moves or is cast. Not with ``teacher_bn: source``, whose
+        statistics change per source."""
+        object.__setattr__(self, "_grouped", None)  # not a submodule: unsaved, like the teacher
+        if self.teacher_bn != "batch" or not (self.adapters or self.kd_weight > 0):
+            return
+        shapes: dict[tuple, list] = {}
+        for name, spec in self.specs.items():
+            src = next((s for s in self.cfg.sources if s.name == name), None)
+            if src is None:  # a source the config does not name (a test's): grouped when it is run
+                continue
+            shapes.setdefault((self.cfg.size_of(src), src.batch_size), []).append(self._keep(spec.task))
+        try:
+            object.__setattr__(self, "_grouped", GroupedBranches(self.teacher, [tuple(k) for k in shapes.values()]))
+        except NotGroupable as e:
+            if not getattr(self, "_said_ungrouped", False):
+                print(f"squeeze: the teacher's branches run one after another ({e})", flush=True)
+                self._said_ungrouped = True
+
+    def _keep(self, task: str) -> str | None:
+        """The teacher branch a batch of ``task`` is distilled from (None: all of them)."""
+        return None if self.all_teachers and self.adapters else task
+
+    @torch.no_grad()
+    def _teacher_features(self, batch: dict[str, dict], sources: list[str]) -> dict[str, dict[str, list[Tensor]]]:
+        """source -> teacher branch -> features C2..C5, for ``sources``; batches of one shape side by side."""
+        if self._grouped is not None and not torch.compiler.is_compiling() and self._grouped.stale():
+            self._group_teacher()  # the teacher's weights were changed in place (a test, a user's edit)
+        if self._grouped is None:
+            out = {}
+            for name in sources:
+                images = batch[name]["images"]
+                self._teacher_for(name, images.device)
+                keep = self._keep(self.specs[name].task)
+                out[name] = self.teacher.all_branch_features(images) if keep is None else \
+                    {keep: self.teacher.branch_features(images, keep)}
+            return out
+        groups: dict[tuple, list[str]] = {}
+        for name in sources:
+            groups.setdefault(tuple(batch[name]["images"].shape), []).append(name)
+        out = {}
+        for names in groups.values():
+            feats = self._grouped.features([batch[n]["images"] for n in names],
+                                           [self._keep(self.specs[n].task) for n in names])
+            out.update(zip(names, feats))
+        return out
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) / .half() ... also move the (unregistered) teacher and generalist
@@ -247,6 +336,7 @@ class SqueezeStage(NetStage):
         self.teacher._apply(fn, *args, **kwargs)
         if self.generalist is not None:
             self.generalist._apply(fn, *args, **kwargs)
+        self._group_teacher()
         return self
 
     def cast_frozen_for_autocast(self, dtype: torch.dtype) -> None:
@@ -262,6 +352,7 @@ class SqueezeStage(NetStage):
             for m in net.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     m.to(dtype)
+        self._group_teacher()
 
     def _frozen_nets(self) -> list[nn.Module]:
         return [self.teacher] + ([self.generalist] if self.generalist is not None else [])
@@ -302,48 +393,65 @@ class SqueezeStage(NetStage):
             self.estimate_source_statistics(device)
         use_statistics(batchnorms(*self._frozen_nets()), self._source_stats[source])
 
-    def _distill(self, adapters: nn.ModuleList, feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
-        per_stage = [self.distill_fn(adapters[j](feats[i - 1]), t_feats[i - 1]) for j, i in enumerate(self.distill_stages)]
-        return torch.stack(per_stage).mean()
+    def _distill(self, distill: dict[str, list]) -> dict[str, Tensor]:
+        """Each key's weighted mean over its (adapters, student features, teacher features) pairs of the
+        mean over the distilled stages of the distillation loss. CKA: all pairs of a stage at once, as
+        one batch of Gram matrices (the generalist's, whose width may differ, as a second batch)."""
+        weights = {key: self.generalist_weight if key == "generalist" else self.distill_weight for key in distill}
+        if not self.batched_cka:
+            return {key: weights[key] * torch.stack([
+                torch.stack([self.distill_fn(a[j](f[i - 1]), t[i - 1]) for j, i in enumerate(self.distill_stages)]).mean()
+                for a, f, t in pairs]).mean() for key, pairs in distill.items()}
+        keys = [k for k in distill if k != "generalist"] + (["generalist"] if "generalist" in distill else [])
+        batches = [[p for k in keys if k != "generalist" for p in distill[k]]] + \
+            ([distill["generalist"]] if "generalist" in distill else [])
+        per_stage = []
+        for j, i in enumerate(self.distill_stages):
+            values = [adapted_cka_loss(torch.stack([centred_gram(f[i - 1], t[i - 1]) for _, f, t in b]),
+                                       torch.stack([a[j].weight.flatten(1) for a, _, _ in b])) for b in batches if b]
+            per_stage.append(values[0] if len(values) == 1 else torch.cat(values))
+        # (keys, pairs): each key's weight / (its pairs x stages) on its own pairs
+        counts = tuple(len(distill[k]) for k in keys)
+        mix_key = (counts, tuple(weights[k] for k in keys), len(per_stage), per_stage[0].device)
+        if self._mix_key != mix_key:
+            mix = torch.zeros(len(keys), sum(counts))
+            start = 0
+            for r, (k, n) in enumerate(zip(keys, counts)):
+                mix[r, start:start + n] = weights[k] / (n * len(per_stage))
+                start += n
+            self._mix, self._mix_key = mix.to(per_stage[0].device), mix_key
+        return dict(zip(keys, (self._mix @ torch.stack(per_stage).sum(0)).unbind()))
 
     def features(self, images: Tensor, task: str):
         return self.net.backbone(images)
 
     def forward(self, batch: dict[str, dict]) -> dict[str, Tensor]:
         th, t_th = self.net.task_heads, self.teacher.task_heads
+        # KD on logits: tasks whose prediction is one logit vector per image (cls)
+        use_kd = {source: self.kd_weight > 0 and tasks.get(self.specs[source].task).image_logits and source in t_th.heads
+                  for source in batch}
+        teacher = self._teacher_features(batch, [s for s in batch if self.adapters or use_kd[s]])
         losses: dict[str, Tensor] = {}
-        distill: dict[str, list[Tensor]] = {}
+        distill: dict[str, list] = {}  # key -> (adapters, student features, teacher features) per batch
         for source, b in batch.items():
             task = self.specs[source].task
             images = b["images"]
             feats = self.net.backbone(images)
             neck_out = th.necks[task](feats)
             losses[source] = tasks.get(task).loss(th.heads[source], neck_out, b) * self.loss_weights[source]
-            # KD on logits: tasks whose prediction is one logit vector per image (cls)
-            use_kd = self.kd_weight > 0 and tasks.get(task).image_logits and source in t_th.heads
-            use_generalist = bool(len(self.generalist_adapters))
-            if not self.adapters and not use_kd and not use_generalist:
-                continue
-            self._teacher_for(source, images.device)
-            if self.adapters or use_kd:
-                with torch.no_grad():  # frozen teacher: no graph (bf16 under the engine's autocast)
-                    if self.all_teachers and self.adapters:
-                        t_all = self.teacher.all_branch_features(images)
-                    else:
-                        t_all = {task: self.teacher.branch_features(images, task)}
-            for u in (t_all if self.adapters else ()):
-                distill.setdefault(u, []).append(self._distill(self.adapters[u], feats, t_all[u]))
-            if use_generalist:
+            for u in (teacher[source] if self.adapters else ()):
+                distill.setdefault(u, []).append((self.adapters[u], feats, teacher[source][u]))
+            if len(self.generalist_adapters):
+                self._teacher_for(source, images.device)
                 with torch.no_grad():
                     g_feats = self.generalist(images)
-                distill.setdefault("generalist", []).append(self._distill(self.generalist_adapters, feats, g_feats))
-            if use_kd:
+                distill.setdefault("generalist", []).append((self.generalist_adapters, feats, g_feats))
+            if use_kd[source]:
                 with torch.no_grad():
-                    t_logits = t_th.heads[source](t_th.necks[task](t_all[task]))
+                    t_logits = t_th.heads[source](t_th.necks[task](teacher[source][task]))
                 losses[f"kd/{source}"] = self.kd_weight * kd_loss(th.heads[source](neck_out), t_logits, self.temperature)
-        for key, items in distill.items():
-            weight = self.generalist_weight if key == "generalist" else self.distill_weight
-            losses[f"distill/{key}"] = weight * torch.stack(items).mean()
+        if distill:
+            losses.update((f"distill/{key}", value) for key, value in self._distill(distill).items())
         return losses
 
     def frozen_features(self, images: Tensor, task: str):
