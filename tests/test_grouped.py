@@ -109,8 +109,12 @@ def test_an_edited_teacher_is_grouped_again():
     with torch.no_grad():
         next(stage.teacher.backbones["det"].parameters()).mul_(2)
     assert first.stale()
-    stage._teacher_features({"scenes": {"images": torch.randn(2, 3, SIZE, SIZE)}}, ["scenes"])
+    x = torch.randn(2, 3, SIZE, SIZE)
+    stage.refresh_teacher()
     assert stage._grouped is not first and not stage._grouped.stale()
+    got = stage._teacher_features({"scenes": {"images": x}}, ["scenes"])["scenes"]
+    with torch.no_grad():
+        assert_close_features(got, {"det": stage.teacher.branch_features(x, "det")})  # the edited weights
 
 
 @pytest.mark.parametrize("c,d", [(8, 8), (8, 12)])

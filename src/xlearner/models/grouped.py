@@ -98,13 +98,10 @@ class GroupedReconciliation(nn.Module):
         if any(type(r) is not Reconciliation for r in rs):
             raise NotGroupable("only the 1x1 conv + BN reconciliation (reconcile_from: same) is grouped")
         n, c = len(tasks), rs[0].conv.out_channels
-        w = rs[0].conv.weight
-        # group u of each copy: C channels of branch u in, the (T-1) R_{t<-u} out
-        self.conv = nn.Conv2d(copies * n * c, copies * len(pairs) * c, 1, groups=copies * n, bias=False,
-                              device=w.device, dtype=w.dtype)
-        self.conv.weight = nn.Parameter(torch.cat([r.conv.weight for r in rs] * copies).detach(), requires_grad=False)
-        with torch.no_grad():
+        with torch.no_grad():  # group u of each copy: branch u's C channels in, its (T-1) R_{t<-u} out
+            self.conv = _grouped_conv([r.conv for r in rs] * copies, inputs=copies * n)
             self.bn = _grouped_bn([r.bn for r in rs] * copies)
+        w = self.conv.weight
         # the BN's output channels in target-major order: the blocks (t, u), u != t, of each t of each copy
         blocks = [k * len(pairs) + pairs.index((t, u)) for k in range(copies) for t in tasks for u in tasks if u != t]
         self.register_buffer("order", torch.tensor([b * c + i for b in blocks for i in range(c)], device=w.device),
@@ -151,7 +148,8 @@ class GroupedBranches(nn.Module):
         return [t._version for t in (*self.net.parameters(), *self.net.buffers())]
 
     def stale(self) -> bool:
-        """Whether a weight of the net changed in place since the copy (then build a new one)."""
+        """Whether a weight of the net changed in place since the copy (then build a new one: for the
+        squeeze teacher, ``SqueezeStage.refresh_teacher()``)."""
         return self._weight_versions() != self._versions
 
     @staticmethod
@@ -215,10 +213,9 @@ class GroupedBranches(nn.Module):
         if self.last:
             kept = [parts[j * len(self.tasks) + self.tasks.index(u)] for j, out in enumerate(outs) for u in out]
             x = kept[0] if len(kept) == 1 else (x if len(kept) == len(parts) else torch.cat(kept, dim=1))
+        names = [(j, u) for j, out in enumerate(outs) for u in out]
         for i, stage in enumerate(tail, start=self.last):
             x = stage(x)
-            parts = x.split(self.channels[i], dim=1) if len(tail) and x.shape[1] != self.channels[i] else [x]
-            names = [(j, u) for j, out in enumerate(outs) for u in out]
-            for (j, u), part in zip(names, parts):
+            for (j, u), part in zip(names, x.split(self.channels[i], dim=1)):
                 outs[j][u].append(part)
         return outs

@@ -302,6 +302,11 @@ class SqueezeStage(NetStage):
                 print(f"squeeze: the teacher's branches run one after another ({e})", flush=True)
                 self._said_ungrouped = True
 
+    def refresh_teacher(self) -> None:
+        """Copy the teacher's weights again after editing them in place: the grouped copy does not follow
+        such edits (the teacher is frozen; moves and casts through the stage rebuild it themselves)."""
+        self._group_teacher()
+
     def _keep(self, task: str) -> str | None:
         """The teacher branch a batch of ``task`` is distilled from (None: all of them)."""
         return None if self.all_teachers and self.adapters else task
@@ -309,8 +314,6 @@ class SqueezeStage(NetStage):
     @torch.no_grad()
     def _teacher_features(self, batch: dict[str, dict], sources: list[str]) -> dict[str, dict[str, list[Tensor]]]:
         """source -> teacher branch -> features C2..C5, for ``sources``; batches of one shape side by side."""
-        if self._grouped is not None and not torch.compiler.is_compiling() and self._grouped.stale():
-            self._group_teacher()  # the teacher's weights were changed in place (a test, a user's edit)
         if self._grouped is None:
             out = {}
             for name in sources:
