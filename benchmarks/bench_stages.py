@@ -294,7 +294,8 @@ def graph_breaks(runner: Runner) -> tuple[int, int, list[str]]:
     (``torch.compile(module)``; the backward follows the forward's graph through AOTAutograd), and
     the first break reasons: 1 graph and 0 breaks is what ``fullgraph=True`` needs."""
     torch._dynamo.reset()
-    ex = torch._dynamo.explain(lambda batch: sum(runner.module(batch).values()))(runner.batch)
+    with runner.autocast():  # as the engine runs it: a bf16 preset's frozen teacher is cast for autocast
+        ex = torch._dynamo.explain(lambda batch: sum(runner.module(batch).values()))(runner.batch)
     return ex.graph_count, ex.graph_break_count, [str(r.reason).splitlines()[0] for r in ex.break_reasons[:3]]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +69,24 @@ class FPNNeck(nn.Module):
         del self.fpn.layer_blocks[self.outputs:]
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
+        # torchvision's FPN.forward (a test compares them), its convs' weights cast once
+        # (:func:`autocast_weights`) and the 3x3 output convs on the finest ``outputs`` levels only
         x = features[self.first:]
-        if self.outputs == len(x):
-            return list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(x))).values())
-        # torchvision's top-down pass, output convs on the finest ``outputs`` levels only
-        inner = self.fpn.inner_blocks
-        last = inner[-1](x[-1])
-        results = []
+        inner, layer, extra = self.fpn.inner_blocks, self.fpn.layer_blocks, self.fpn.extra_blocks
+        convs = [b[0] for b in inner] + [b[0] for b in layer] + ([extra.p6, extra.p7] if extra is not None else [])
+        weights = autocast_weights(convs)
+        w_inner, w_layer, w_extra = weights[:len(inner)], weights[len(inner):len(inner) + len(layer)], \
+            weights[len(inner) + len(layer):]
+        last = inner[-1][0]._conv_forward(x[-1], *w_inner[-1])
+        results = [layer[-1][0]._conv_forward(last, *w_layer[-1])] if len(x) - 1 < self.outputs else []
         for idx in range(len(x) - 2, -1, -1):
-            lateral = inner[idx](x[idx])
+            lateral = inner[idx][0]._conv_forward(x[idx], *w_inner[idx])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
             if idx < self.outputs:
-                results.insert(0, self.fpn.layer_blocks[idx](last))
+                results.insert(0, layer[idx][0]._conv_forward(last, *w_layer[idx]))
+        if extra is not None:  # LastLevelP6P7(out, out): P6 from P5, P7 from relu(P6)
+            p6 = extra.p6._conv_forward(results[-1], *w_extra[0])
+            results += [p6, extra.p7._conv_forward(F.relu(p6), *w_extra[1])]
         return results
 
 
@@ -121,6 +126,28 @@ def build_det_neck(channels: list[int], strides: list[int], fpn_channels: int,
     p6p7 = len(head_strides) > n_base
     return FPNNeck(channels, fpn_channels, first=first, outputs=n_base if p6p7 else len(head_strides),
                    p6p7=p6p7), head_strides
+
+
+def cast_once(stacks: list[Tensor | list[Tensor]]) -> list[Tensor]:
+    """Each entry (a tensor, or a list of tensors stacked along dim 0) in the autocast dtype, all cast
+    by one cat, one cast and one split, and their gradients cast back by one cat and one cast, where
+    autocast dispatches a cast per weight and one more per gradient: 4 operators instead of 36 for a
+    det neck and head of 9 convs (docs/performance.md). The same values: a cast is elementwise.
+    Outside autocast (or for weights not in float32): the tensors themselves, a list by its cat."""
+    stacks = [list(s) if isinstance(s, (list, tuple)) else [s] for s in stacks]
+    parts = [t for s in stacks for t in s]
+    device = parts[0].device.type
+    if not torch.is_autocast_enabled(device) or any(t.dtype != torch.float32 for t in parts):
+        return [s[0] if len(s) == 1 else torch.cat(s) for s in stacks]
+    flat = torch.cat([t.reshape(-1) for t in parts]).to(torch.get_autocast_dtype(device))
+    pieces = flat.split([sum(t.numel() for t in s) for s in stacks])
+    return [v.view(sum(t.shape[0] for t in s), *s[0].shape[1:]) for v, s in zip(pieces, stacks)]
+
+
+def autocast_weights(convs: list[nn.Conv2d]) -> list[tuple[Tensor, Tensor]]:
+    """Each conv's (weight, bias) through :func:`cast_once` (the convs have biases)."""
+    flat = cast_once([t for c in convs for t in (c.weight, c.bias)])
+    return list(zip(flat[0::2], flat[1::2]))
 
 
 def _groups(channels: int) -> int:
@@ -274,21 +301,83 @@ def class_indices(num_classes: int, device: torch.device) -> Tensor:
     return cached_tensor(_CLASS_INDICES, (num_classes, device), lambda: torch.arange(num_classes, device=device))
 
 
+_LOSS_CONSTANTS: dict = {}
+
+
+class _FCOSLoss(torch.autograd.Function):
+    """The three FCOS losses of :func:`fcos_loss_on_targets` and, in the same pass, their gradients in
+    closed form, so that the backward is three products. Through autograd the same formulas took 81
+    operators forward and backward at the ``gpu`` preset's det batch (49 backward: each product,
+    division, minimum and maximum of the forward adds one to three), in closed form 54 (5 backward):
+    what a launch-bound det step pays for (docs/performance.md). The values are
+    :func:`binary_focal_loss`'s, :func:`ltrb_giou_loss`'s and ``binary_cross_entropy_with_logits``'s,
+    the gradients autograd's on them, ties of the GIoU's minimum and maximum included (half to each
+    side): tests compare both with torchvision's loss."""
+
+    @staticmethod
+    def forward(ctx, cls_logits, ltrb, ctrness, positive, reg_targets, gt_ctr, weight, norm, alpha=0.25):
+        # focal: s = -z on positives and z elsewhere, q = sigmoid(s), loss q^2 softplus(s) alpha_t
+        # (binary_focal_loss); its derivative in s is alpha_t q^2 (2 (1 - q) softplus(s) + q)
+        c = cached_tensor(_LOSS_CONSTANTS, (alpha, positive.device), lambda: torch.tensor(
+            [-1.0, 1.0, alpha, 1.0 - alpha, 0.5, 1e-7, 0.0, 1e-7, 0.0], device=positive.device))
+        sign = torch.where(positive, c[0], c[1])  # where() of Python numbers is 3 operators, of tensors 1
+        s = cls_logits * sign
+        q = torch.sigmoid(s)
+        sp = F.softplus(s)
+        alpha_n = c[2:4] * norm[0]  # alpha_t over the foreground count
+        aqq = q * q * torch.where(positive, alpha_n[0], alpha_n[1])
+        cls = torch.dot(aqq.reshape(-1), sp.reshape(-1))
+        # GIoU on (l, t, r, b) from a shared point (ltrb_giou_loss), boxes as (2, 2) views [[l, t], [r, b]]
+        p, t = ltrb.unflatten(-1, (2, 2)), reg_targets.unflatten(-1, (2, 2))
+        wh = torch.stack([p, torch.minimum(p, t), torch.maximum(p, t), t], dim=-3).sum(dim=-2)  # (..., 4, 2)
+        area_p, inter, area_c, area_t = (wh.prod(dim=-1) + c[5:]).unbind(dim=-1)  # eps on area_p and area_c
+        union = area_p + area_t - inter
+        r_u, r_c = union.reciprocal(), area_c.reciprocal()
+        iou, u_c = inter * r_u, union * r_c
+        reg = torch.dot((2 - iou - u_c).reshape(-1), weight.reshape(-1))
+        ctr = F.binary_cross_entropy_with_logits(ctrness, gt_ctr, weight=weight, reduction="sum")
+        grads = [None, None, None]
+        if ctx.needs_input_grad[0]:
+            grads[0] = aqq * torch.addcmul(q, 1 - q, sp, value=2) * sign
+        if ctx.needs_input_grad[1]:
+            # d loss / d (area_p, inter, area_c) = (g_u, -(r_u + g_u), u_c r_c), g_u = iou r_u - r_c; an
+            # area's derivative in a distance is the other side (l, r: height; t, b: width); inter's
+            # reaches the prediction where it is the minimum, area_c's where it is the maximum: with
+            # u = 1, 0.5, 0 for p >, =, < t that is (k_p - k_i) + u (k_i + k_c) (a half each on ties,
+            # as autograd's minimum and maximum)
+            g_u = iou * r_u - r_c
+            k = torch.stack([g_u, r_u + g_u, u_c * r_c], dim=-1)[..., None] * wh[..., :3, :].flip(-1)
+            k_p, k_i, k_c = (v[..., None, :] for v in k.unbind(dim=-2))
+            grads[1] = (torch.addcmul(k_p - k_i, torch.heaviside(p - t, c[4]), k_i + k_c)
+                        * weight[..., None, None]).flatten(-2)
+        if ctx.needs_input_grad[2]:
+            grads[2] = (torch.sigmoid(ctrness) - gt_ctr) * weight
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.logits_dtype = cls_logits.dtype
+        return cls, reg, ctr
+
+    @staticmethod
+    def backward(ctx, g_cls, g_reg, g_ctr):
+        d_cls, d_ltrb, d_ctr = ctx.saved_tensors
+        return ((d_cls * g_cls).to(ctx.logits_dtype) if ctx.needs_input_grad[0] else None,
+                d_ltrb * g_reg if ctx.needs_input_grad[1] else None,
+                d_ctr * g_ctr if ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
+
+
 def fcos_loss_on_targets(head_outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
     """torchvision FCOSHead.compute_loss over the batch at once, on :func:`fcos_targets`: sigmoid
-    focal loss (:func:`binary_focal_loss`), GIoU loss and centerness BCE, each summed and divided by
-    max(1, foreground count). Weighted sums instead of boolean indexing, and the count comes with the
-    targets: no host synchronisation. The boxes stay in FCOS's (l, t, r, b) form throughout
-    (:func:`ltrb_giou_loss`): the det step's cost on a GPU follows its operator count
-    (docs/performance.md)."""
+    focal loss (:func:`binary_focal_loss`), GIoU loss (:func:`ltrb_giou_loss`) and centerness BCE,
+    each summed and divided by max(1, foreground count). Weighted sums instead of boolean indexing,
+    and the count comes with the targets: no host synchronisation. The boxes stay in FCOS's
+    (l, t, r, b) form throughout, and the gradients come in closed form with the values
+    (:class:`_FCOSLoss`): the det step's cost on a GPU follows its operator count (docs/performance.md)."""
     cls_logits = head_outputs["cls_logits"]                               # (B, A, K)
     bbox_regression = head_outputs["bbox_regression"].float()             # (B, A, 4)
     ctrness = head_outputs["bbox_ctrness"].float().squeeze(dim=2)        # (B, A)
     gt_labels, reg_targets, gt_ctr, weight, norm = (targets[k] for k in FCOS_TARGET_KEYS)
     positive = gt_labels[..., None] == class_indices(cls_logits.shape[-1], cls_logits.device)  # background (-1): none
-    return {"classification": binary_focal_loss(cls_logits, positive) * norm[0],
-            "bbox_regression": (ltrb_giou_loss(bbox_regression, reg_targets) * weight).sum(),
-            "bbox_ctrness": F.binary_cross_entropy_with_logits(ctrness, gt_ctr, weight=weight, reduction="sum")}
+    cls, reg, ctr = _FCOSLoss.apply(cls_logits, bbox_regression, ctrness, positive, reg_targets, gt_ctr, weight, norm)
+    return {"classification": cls, "bbox_regression": reg, "bbox_ctrness": ctr}
 
 
 def fcos_loss(head_outputs: dict[str, Tensor], anchors: Tensor, matched: Tensor, boxes: Tensor,
@@ -321,7 +410,11 @@ class FusedFCOSHead(nn.Module):
     Both towers read the same features: their first convs are one conv with twice the outputs,
     the later ones one grouped conv (two groups), each GroupNorm(32) pair one GroupNorm(64) over the
     stacked channels (the same groups), and the box and centerness predictors one conv with 5
-    outputs. The maths is torchvision's (a test compares the outputs and gradients); a step
+    outputs. In the step the class and box predictors run as one grouped conv on both towers, its
+    weight the two stacked with zero rows that even the groups (max(K, 5) outputs each; the zero
+    rows' outputs are dropped, so the parameters and their gradients are the two convs' own), and
+    every conv's weights are cast once (:func:`autocast_weights`). The maths is torchvision's (a
+    test compares the outputs and gradients); a step
     dispatches about half of the head's operators, which is what a launch-bound GPU step pays for.
     Built from a torchvision head (:meth:`from_fcos`), so it starts from torchvision's initialisation."""
 
@@ -336,6 +429,14 @@ class FusedFCOSHead(nn.Module):
         self.cls_logits = nn.Conv2d(c, num_classes, 3, padding=1)
         self.box = nn.Conv2d(c, 5, 3, padding=1)  # (l, t, r, b) distances, then centerness
         self.in_channels, self.num_classes = c, num_classes
+        self._zeros: dict = {}
+
+    def _zero_rows(self, n: int) -> tuple[Tensor, Tensor]:
+        """n zero output rows (weight, bias) for the grouped predictor, cached per shape and device."""
+        like = self.cls_logits.weight
+        key = (n, like.shape[1:], like.dtype, like.device)
+        w = cached_tensor(self._zeros, key, lambda: like.new_zeros((n, *like.shape[1:])))
+        return w, cached_tensor(self._zeros, key + ("bias",), lambda: like.new_zeros(n))
 
     @classmethod
     def from_fcos(cls, head: FCOSHead) -> "FusedFCOSHead":
@@ -355,16 +456,29 @@ class FusedFCOSHead(nn.Module):
         return fused
 
     def forward(self, x: list[Tensor]) -> dict[str, Tensor]:
-        logits, boxes = [], []
+        towers = [m for m in self.towers if isinstance(m, nn.Conv2d)]
+        k, m = self.num_classes, max(self.num_classes, 5)
+        zeros = self._zero_rows(m - k), self._zero_rows(m - 5)
+        predictor = [(self.cls_logits.weight, self.cls_logits.bias), zeros[0], (self.box.weight, self.box.bias), zeros[1]]
+        predictor = [r for r in predictor if r[0].shape[0]]
+        # one cast for every level, the predictor's weight stacked in it
+        *flat, w_pred, b_pred = cast_once([t for c in towers for t in (c.weight, c.bias)]
+                                          + [[w for w, _ in predictor], [b for _, b in predictor]])
+        weights = dict(zip(towers, zip(flat[0::2], flat[1::2])))
+        outputs = []
         for features in x:
-            # split, not slicing: its backward is one cat, where each slice's allocates and fills a zero tensor
-            cls_t, reg_t = self.towers(features).split(self.in_channels, dim=1)
-            n = cls_t.shape[0]
-            logits.append(self.cls_logits(cls_t).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
-            boxes.append(self.box(reg_t).permute(0, 2, 3, 1).reshape(n, -1, 5))
-        # the distances and centerness in float32 (the loss and the box decoding read them so): one cast, not two
-        reg, ctr = torch.cat(boxes, dim=1).float().split([4, 1], dim=2)
-        return {"cls_logits": torch.cat(logits, dim=1), "bbox_regression": F.relu(reg), "bbox_ctrness": ctr}
+            for layer in self.towers:
+                features = layer._conv_forward(features, *weights[layer]) if isinstance(layer, nn.Conv2d) \
+                    else layer(features)
+            y = F.conv2d(features, w_pred, b_pred, padding=1, groups=2)  # (n, 2m, h, w): classes | boxes
+            outputs.append(y.permute(0, 2, 3, 1).reshape(y.shape[0], -1, 2 * m))
+        # one split (its backward one cat); the distances and centerness in float32 (the loss and the
+        # box decoding read them so)
+        sizes = [s for s in (k, m - k, 5, m - 5) if s]
+        pieces = torch.cat(outputs, dim=1).split(sizes, dim=2)
+        logits, boxes = pieces[0], pieces[1 if m == k else 2]
+        reg, ctr = boxes.float().split([4, 1], dim=2)
+        return {"cls_logits": logits, "bbox_regression": F.relu(reg), "bbox_ctrness": ctr}
 
 
 @functools.lru_cache(maxsize=8)
