@@ -365,6 +365,7 @@ def test_closed_form_fcos_gradients_equal_autograd_in_fewer_operators(dtype, aut
 def test_cast_once_gives_autocast_values_and_gradients_in_fewer_operators():
     """cast_once: the weights autocast would cast, in one cast: the same convolutions and weight
     gradients bit for bit under bf16 autocast, fewer operators; outside autocast the weights themselves."""
+    from test_grouped import count_ops_of
     from xlearner.models.heads import autocast_weights, cast_once
 
     torch.manual_seed(0)
@@ -385,22 +386,7 @@ def test_cast_once_gives_autocast_values_and_gradients_in_fewer_operators():
     (y_ref, g_ref), (y, g) = run(True), run(False)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
     assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(g, g_ref))
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Casts(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.overloadpacket.__name__ == "_to_copy"
-            return func(*args, **(kwargs or {}))
-
-    counts = []
-    for own in (True, False):
-        with Casts() as c:
-            run(own)
-        counts.append(c.n)
+    counts = [count_ops_of(lambda: run(own), only="_to_copy") for own in (True, False)]
     # both: the input, the output's float() and its gradient; autocast: each of the 8 tensors and its
     # gradient; cast once: all tensors, all gradients
     assert counts == [3 + 16, 3 + 2], counts

@@ -29,15 +29,15 @@ def busy_teacher(cfg):
     return net
 
 
-def count_ops_of(fn) -> int:
-    """Operators ``fn`` dispatches (views too: the ratio is what is checked)."""
+def count_ops_of(fn, only: str | None = None) -> int:
+    """Operators ``fn`` dispatches (views too: the ratio is what is checked), or those named ``only``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            Count.n += only is None or func.overloadpacket.__name__ == only
             return func(*args, **(kwargs or {}))
 
     with Count():

@@ -73,20 +73,22 @@ class FPNNeck(nn.Module):
         # (:func:`autocast_weights`) and the 3x3 output convs on the finest ``outputs`` levels only
         x = features[self.first:]
         inner, layer, extra = self.fpn.inner_blocks, self.fpn.layer_blocks, self.fpn.extra_blocks
-        convs = [b[0] for b in inner] + [b[0] for b in layer] + ([extra.p6, extra.p7] if extra is not None else [])
-        weights = autocast_weights(convs)
-        w_inner, w_layer, w_extra = weights[:len(inner)], weights[len(inner):len(inner) + len(layer)], \
-            weights[len(inner) + len(layer):]
-        last = inner[-1][0]._conv_forward(x[-1], *w_inner[-1])
-        results = [layer[-1][0]._conv_forward(last, *w_layer[-1])] if len(x) - 1 < self.outputs else []
+        convs = [b[0] for b in (*inner, *layer)] + ([extra.p6, extra.p7] if extra is not None else [])
+        weights = dict(zip(convs, autocast_weights(convs)))
+
+        def conv(c: nn.Conv2d, t: Tensor) -> Tensor:
+            return c._conv_forward(t, *weights[c])
+
+        last = conv(inner[-1][0], x[-1])
+        results = [conv(layer[-1][0], last)] if len(x) - 1 < self.outputs else []
         for idx in range(len(x) - 2, -1, -1):
-            lateral = inner[idx][0]._conv_forward(x[idx], *w_inner[idx])
+            lateral = conv(inner[idx][0], x[idx])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
             if idx < self.outputs:
-                results.insert(0, layer[idx][0]._conv_forward(last, *w_layer[idx]))
+                results.insert(0, conv(layer[idx][0], last))
         if extra is not None:  # LastLevelP6P7(out, out): P6 from P5, P7 from relu(P6)
-            p6 = extra.p6._conv_forward(results[-1], *w_extra[0])
-            results += [p6, extra.p7._conv_forward(F.relu(p6), *w_extra[1])]
+            p6 = conv(extra.p6, results[-1])
+            results += [p6, conv(extra.p7, F.relu(p6))]
         return results
 
 
@@ -233,7 +235,8 @@ def ltrb_giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     gradients are torchvision's on the decoded boxes (to float rounding), in about half the
     operators of decoding and then intersecting corners, and no boolean-mask indexing (torchvision's
     ``inter[mask] = ...`` is a ``nonzero`` whose output size the host must read: every det step on
-    CUDA waited for the GPU there)."""
+    CUDA waited for the GPU there). The training step computes the same with its gradient in closed
+    form (:class:`_FCOSLoss`)."""
     # (..., 2, 2) views [[l, t], [r, b]]: a sum over dim -2 gives (width, height)
     pred, target = pred.unflatten(-1, (2, 2)), target.unflatten(-1, (2, 2))
     boxes = torch.stack([pred, target, torch.minimum(pred, target), torch.maximum(pred, target)], dim=-3)
@@ -247,7 +250,8 @@ def binary_focal_loss(logits: Tensor, positive: Tensor, alpha: float = 0.25) -> 
     """torchvision's ``sigmoid_focal_loss`` (gamma 2, reduction "sum") for 0/1 targets ``positive``
     (bool), in about half its operators. With s = -z on positives and z elsewhere, 1 - p_t is
     sigmoid(s) and the cross-entropy is softplus(s): one sign flip instead of torchvision's mixing of
-    p and 1 - p by the target. ``logits`` may be bf16: the product with the sign is float32."""
+    p and 1 - p by the target. ``logits`` may be bf16: the product with the sign is float32. The
+    training step computes the same with its gradient in closed form (:class:`_FCOSLoss`)."""
     sign = 1.0 - 2.0 * positive  # -1 on positives, 1 elsewhere (float32; two operators, where() takes three)
     s = logits * sign
     q = torch.sigmoid(s)
